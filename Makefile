@@ -1,0 +1,35 @@
+# The two commands of README: `make demo` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PIP := $(VENV)/bin/pip
+PY := $(VENV)/bin/python
+# torch 2.13.0 (CPU build) lies on these machines' disk; installing it first keeps pip from fetching CUDA wheels.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH_PIN)
+	touch $@
+
+$(VENV)/.demo: $(VENV)/.torch pyproject.toml
+	$(PIP) install -e '.[demo]'
+	touch $@
+
+$(VENV)/.test: $(VENV)/.torch pyproject.toml
+	$(PIP) install -e '.[demo,test]'
+	touch $@
+
+demo: $(VENV)/.demo
+	$(VENV)/bin/gradkit demo
+
+test: $(VENV)/.test
+	$(PY) -m ruff check src tests
+	$(PY) -m pytest -n 2 --durations=15
+
+bench: $(VENV)/.test
+	$(VENV)/bin/gradkit bench optimizers --out bench-out
+
+clean:
+	rm -rf $(VENV) bench-out gradkit-demo .pytest_cache

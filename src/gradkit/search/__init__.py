@@ -1,0 +1,3 @@
+"""Black-box population search over tensors (ask/tell)."""
+
+__all__: list[str] = []

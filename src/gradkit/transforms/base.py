@@ -1,0 +1,36 @@
+"""The Transform protocol: what happens to the gradient between the source and the optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = ["Transform", "grads_of"]
+
+
+def grads_of(params: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(parameters that have a gradient, their gradients)."""
+    ps = [p for p in params if p.grad is not None]
+    return ps, [p.grad for p in ps]
+
+
+class Transform:
+    """Edits ``.grad`` of the given parameters in place and returns a dict of statistics.
+
+    Stateful transforms keep their state in plain tensors/numbers and round-trip through ``state_dict()``.
+    A transform also works alone, between ``loss.backward()`` and ``optimizer.step()``.
+    """
+
+    paper: ClassVar[str] = ""
+
+    def __call__(self, params: Iterable[torch.Tensor]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
