@@ -1,0 +1,1 @@
+"""Literature experiments run by ``gradkit bench literature``; one module per claim (see ``literature.py``)."""
