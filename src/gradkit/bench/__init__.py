@@ -15,7 +15,7 @@ __all__ = ["available"]
 
 def available() -> list[str]:
     """Names of the benchmarks (``gradkit bench <name>``)."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_") and not m.ispkg)
 
 
 def load(name: str):

@@ -1,0 +1,181 @@
+"""``gradkit bench optimizers``: step time of every optimizer and kernel, side by side with torch and the references.
+
+For each size, parameters are 40 equal float32 tensors (10.5 M parameters = 40 × 512 × 512) with fixed random
+gradients. Each optimizer's median step time is measured in the same process, in interleaved rounds, beside
+torch's fused and foreach AdamW and — when installed — the reference package implementing the same
+algorithm. Reported per row:
+
+* ms/step (median), and compile time for ``kernel="compiled"`` (paid once per parameter layout);
+* bytes moved per step: each step must read the gradient and read+write the parameter and every
+  parameter-shaped state buffer, ``(3 + 2·k)·4`` bytes per parameter for ``k`` buffers — the memory-traffic
+  floor of the algorithm;
+* effective GB/s = bytes moved / time;
+* ``vs fused AdamW /byte``: (our time per byte) ÷ (torch fused AdamW's time per byte); 1.0 means we move memory
+  as fast as torch's hand-written fused kernel;
+* ``speed-up vs ref``: reference time ÷ ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+import gradkit as gk
+
+from .._kernels import compile_available, compile_stats
+from ._common import machine, markdown_table, median_time, out_dir, progress, pyplot, write
+
+HELP = "median step time of every optimizer and kernel vs torch fused AdamW and the reference packages"
+
+Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+
+def _ref(module: str, attr: str, **kw) -> Factory:
+    def make(params):
+        cls = getattr(importlib.import_module(module), attr)
+        return cls(params, **kw)
+
+    make.label = f"{module.split('.')[0]}.{attr}"  # type: ignore[attr-defined]
+    return make
+
+
+# gradkit class name -> the reference implementation of the same algorithm (same hyper-parameters).
+REFERENCES: dict[str, Factory] = {
+    "AdamW": _ref("torch.optim", "AdamW", foreach=True),
+    "Adam": _ref("torch.optim", "Adam", foreach=True),
+    "Lion": _ref("lion_pytorch", "Lion"),
+    "AdEMAMix": _ref("pytorch_optimizer", "AdEMAMix"),
+    "DiffGrad": _ref("pytorch_optimizer", "DiffGrad"),
+}
+
+# Extra constructor arguments some optimizers need to be stepped with synthetic gradients.
+OUR_KWARGS: dict[str, dict] = {}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", default="1e7", help="comma-separated parameter counts, e.g. 1e6,1e7,5e7")
+    p.add_argument("--opt", default=None, help="comma-separated optimizer classes (default: all in gk.optim)")
+    p.add_argument("--kernels", default="compiled,foreach", help="kernels to time (compiled, foreach, loop)")
+    p.add_argument("--repeats", type=int, default=15, help="timed steps per measurement (median reported)")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference packages")
+
+
+def our_optimizers() -> list[str]:
+    from ..optim import ElementwiseOptimizer, Optimizer
+
+    names = []
+    for name in gk.optim.__all__:
+        cls = getattr(gk.optim, name)
+        if isinstance(cls, type) and issubclass(cls, Optimizer) and cls not in (Optimizer, ElementwiseOptimizer):
+            names.append(name)
+    return names
+
+
+def make_params(n: int, n_tensors: int = 40) -> list[torch.Tensor]:
+    side = int(math.sqrt(n / n_tensors))
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(side, side, generator=gen).requires_grad_() for _ in range(n_tensors)]
+    for p in params:
+        p.grad = torch.randn(side, side, generator=gen) * 1e-3
+    return params
+
+
+def state_buffers(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> int:
+    """Parameter-shaped state tensors per parameter (what a step must stream through memory)."""
+    st = opt.state.get(params[0], {})
+    return sum(1 for v in st.values() if isinstance(v, torch.Tensor) and v.shape == params[0].shape)
+
+
+def _measure(factory: Factory, n: int, repeats: int) -> dict:
+    params = make_params(n)
+    opt = factory(params)
+    t0 = time.perf_counter()
+    before = sum(compile_stats.values())
+    opt.step()
+    first = time.perf_counter() - t0
+    compiled = sum(compile_stats.values()) - before
+    k = state_buffers(opt, params)
+    ms = median_time(opt.step, warmup=2, repeats=repeats) * 1e3
+    numel = sum(p.numel() for p in params)
+    return dict(ms=ms, bytes=(3 + 2 * k) * 4 * numel, numel=numel, first=first, compile=compiled)
+
+
+def run(args: argparse.Namespace) -> int:
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    names = args.opt.split(",") if args.opt else our_optimizers()
+    kernels = [k.strip() for k in args.kernels.split(",")]
+    if "compiled" in kernels and not compile_available()[0]:
+        print(f"torch.compile unavailable ({compile_available()[1]}): timing foreach/loop only")
+        kernels = [k for k in kernels if k != "compiled"]
+    out = out_dir(args.out)
+    report = [f"Machine: {machine()}.", f"Command: `gradkit bench optimizers --sizes {args.sizes}"
+              f"{' --opt ' + args.opt if args.opt else ''} --kernels {args.kernels}`"]
+    all_rows = []
+    for n in sizes:
+        jobs: list[tuple[str, str, Factory]] = [
+            ("torch.AdamW", "fused", lambda ps: torch.optim.AdamW(ps, fused=True)),
+            ("torch.AdamW", "foreach", lambda ps: torch.optim.AdamW(ps, foreach=True)),
+        ]
+        for name in names:
+            cls = getattr(gk.optim, name)
+            for k in kernels:
+                kw = OUR_KWARGS.get(name, {})
+                jobs.append((name, k, lambda ps, cls=cls, k=k, kw=kw: cls(ps, kernel=k, **kw)))
+            if not args.no_reference and name in REFERENCES:
+                jobs.append((name, "reference", REFERENCES[name]))
+        results: dict[tuple[str, str], dict] = {}
+        with progress(len(jobs), f"{n:.2g} parameters") as bar:
+            for name, k, factory in jobs:
+                try:
+                    results[(name, k)] = _measure(factory, n, args.repeats)
+                except Exception as exc:  # a missing reference package must not stop the benchmark
+                    results[(name, k)] = dict(error=f"{type(exc).__name__}: {exc}".splitlines()[0][:80])
+                bar.advance(description=f"{name} [{k}]")
+        fused = results[("torch.AdamW", "fused")]
+        fused_per_byte = fused["ms"] / fused["bytes"]
+        rows = []
+        for (name, k), r in results.items():
+            if "error" in r:
+                rows.append((name, k, r["error"], "", "", "", "", ""))
+                continue
+            ref = results.get((name, "reference"), {})
+            speedup = ref["ms"] / r["ms"] if "ms" in ref and k not in ("reference",) else float("nan")
+            label = getattr(REFERENCES.get(name), "label", "reference") if k == "reference" else k
+            rows.append((name, label, round(r["ms"], 2), round(r["bytes"] / r["numel"]),
+                         round(r["bytes"] / r["ms"] / 1e6, 1), round(r["ms"] / r["bytes"] / fused_per_byte, 2),
+                         round(speedup, 1) if speedup == speedup else "–",
+                         round(r["compile"], 1) if k == "compiled" else "–"))
+            all_rows.append((n, name, k, r))
+        table = markdown_table(["optimizer", "kernel", "ms/step", "bytes/param", "GB/s", "vs fused AdamW /byte",
+                                "speed-up vs ref", "compile s"], rows)
+        report.append(f"\n#### {n / 1e6:.1f} M parameters (40 tensors, float32)\n\n{table}")
+        print(table)
+    write(out / "optimizers.md", "\n".join(report))
+    _plot(all_rows, out)
+    return 0
+
+
+def _plot(rows, out) -> None:
+    plt = pyplot()
+    if plt is None or not rows:
+        return
+    n0 = rows[0][0]
+    sel = [(name, k, r) for n, name, k, r in rows if n == n0 and "ms" in r]
+    fig, ax = plt.subplots(figsize=(8, max(3, 0.28 * len(sel))))
+    labels = [f"{name} [{k}]" for name, k, _ in sel]
+    gbs = [r["bytes"] / r["ms"] / 1e6 for _, _, r in sel]
+    colors = ["tab:gray" if name.startswith("torch") else "tab:orange" if k == "reference" else "tab:blue"
+              for name, k, _ in sel]
+    ax.barh(range(len(sel)), gbs, color=colors)
+    ax.set_yticks(range(len(sel)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("effective memory bandwidth (GB/s, higher is better)")
+    ax.set_title(f"optimizer step at {n0 / 1e6:.1f} M parameters (blue: gradkit, orange: reference, grey: torch)")
+    fig.tight_layout()
+    fig.savefig(out / "optimizers.png", dpi=110)
+    print(f"wrote {out / 'optimizers.png'}")
