@@ -4,6 +4,8 @@ from ._base import ElementwiseOptimizer, Optimizer
 from .adam import Adam, AdamW
 from .ademamix import AdEMAMix
 from .diffgrad import DiffGrad
+from .gravity import Gravity
 from .lion import Lion
+from .mars import MARS
 
-__all__ = ["AdEMAMix", "Adam", "AdamW", "DiffGrad", "ElementwiseOptimizer", "Lion", "Optimizer"]
+__all__ = ["AdEMAMix", "Adam", "AdamW", "DiffGrad", "ElementwiseOptimizer", "Gravity", "Lion", "MARS", "Optimizer"]
