@@ -2,5 +2,12 @@
 
 from .backprop import Backprop
 from .base import Closure, Source, check_loss, trainable_params
+from .diagnostics import Comparison, compare
+from .es import ES
+from .forward_gradient import ForwardGradient
+from .likelihood_ratio import LikelihoodRatio
+from .spsa import SPSA
+from .zosgd import ZOSGD
 
-__all__ = ["Backprop", "Closure", "Source", "check_loss", "trainable_params"]
+__all__ = ["ES", "SPSA", "ZOSGD", "Backprop", "Closure", "Comparison", "ForwardGradient", "LikelihoodRatio",
+           "Source", "check_loss", "compare", "trainable_params"]
