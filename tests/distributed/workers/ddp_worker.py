@@ -1,0 +1,70 @@
+"""Every gradkit optimizer under DistributedDataParallel (gloo, 2 ranks) vs one process on the global batch.
+
+Prints one line per optimizer: ``DDP <name> maxdiff=<vs single process> ranks_equal=<0|1>``, or
+``DDP <name> SKIP <reason>``.
+"""
+
+import copy
+import inspect
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradkit as gk
+from gradkit.models import mlp
+
+
+def optimizers():
+    from gradkit.optim import ElementwiseOptimizer, Optimizer
+
+    for name in gk.optim.__all__:
+        cls = getattr(gk.optim, name)
+        if isinstance(cls, type) and issubclass(cls, Optimizer) and cls not in (Optimizer, ElementwiseOptimizer):
+            yield name, cls
+
+
+def main():
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    for name, cls in optimizers():
+        model = mlp((8, 16, 4), seed=0)
+        single = copy.deepcopy(model)
+        ddp = DDP(model)
+        kw = {"kernel": "foreach"}
+        try:
+            opt = cls(ddp.parameters(), **kw)
+            ref = cls(single.parameters(), **kw)
+        except Exception as exc:
+            print(f"DDP {name} SKIP cannot construct from params alone: {exc}", flush=True)
+            continue
+        needs_graph = "create_graph" in inspect.getsource(cls).replace(" ", "") and hasattr(cls, "hessian_power")
+        gen = torch.Generator().manual_seed(1)
+        try:
+            for _ in range(12):
+                x = torch.randn(16, 8, generator=gen)
+                y = torch.randint(0, 4, (16,), generator=gen)
+                part = slice(rank * 16 // world, (rank + 1) * 16 // world)
+                opt.zero_grad()
+                F.cross_entropy(ddp(x[part]), y[part]).backward(create_graph=needs_graph)
+                opt.step()
+                ref.zero_grad()
+                F.cross_entropy(single(x), y).backward(create_graph=needs_graph)
+                ref.step()
+        except Exception as exc:
+            print(f"DDP {name} SKIP {type(exc).__name__}: {exc}".splitlines()[0], flush=True)
+            continue
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        equal = all(torch.equal(gathered[0], g) for g in gathered)
+        diff = max(float((a - b).detach().abs().max()) for a, b in zip(model.parameters(), single.parameters()))
+        print(f"DDP {name} maxdiff={diff:.3e} ranks_equal={int(equal)}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
