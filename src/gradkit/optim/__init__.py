@@ -7,5 +7,6 @@ from .diffgrad import DiffGrad
 from .gravity import Gravity
 from .lion import Lion
 from .mars import MARS
+from .muon import Muon
 
-__all__ = ["AdEMAMix", "Adam", "AdamW", "DiffGrad", "ElementwiseOptimizer", "Gravity", "Lion", "MARS", "Optimizer"]
+__all__ = ["AdEMAMix", "Adam", "AdamW", "DiffGrad", "ElementwiseOptimizer", "Gravity", "Lion", "MARS", "Muon", "Optimizer"]
