@@ -9,4 +9,15 @@ from .lion import Lion
 from .mars import MARS
 from .muon import Muon
 
-__all__ = ["AdEMAMix", "Adam", "AdamW", "DiffGrad", "ElementwiseOptimizer", "Gravity", "Lion", "MARS", "Muon", "Optimizer"]
+__all__ = [
+    "AdEMAMix",
+    "Adam",
+    "AdamW",
+    "DiffGrad",
+    "ElementwiseOptimizer",
+    "Gravity",
+    "Lion",
+    "MARS",
+    "Muon",
+    "Optimizer",
+]
