@@ -1,0 +1,231 @@
+"""CMA-ES with full covariance, cumulative step-size adaptation and active (negative-weight) updates.
+
+Paper: N. Hansen, "The CMA Evolution Strategy: A Tutorial" (arXiv:1604.00772); IPOP restarts: A. Auger and
+N. Hansen, "A Restart CMA Evolution Strategy With Increasing Population Size" (CEC 2005).
+
+Rule: x_k = m + σ·B·D·z_k; m ← m + Σ_{i≤μ} w_i (x_{i:λ} − m);
+C ← (1 − c1 − cμ Σw) C + c1 p_c p_cᵀ + cμ Σ_i w°_i y_i y_iᵀ;  σ ← σ · exp(c_σ/d_σ (‖p_σ‖/E‖N(0,I)‖ − 1)).
+All defaults are the tutorial's Table 1 (including its negative recombination weights).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .._validate import check_int, check_positive, check_range
+from .base import Searcher, TensorLike, check_sigma_scalar
+
+__all__ = ["CMAES"]
+
+
+def cma_weights(popsize: int, d: int, c1: float, cmu: float, active: bool) -> tuple[list[float], int, float]:
+    """Recombination weights of the tutorial (Table 1): positive for the best μ, negative (active) for the rest.
+
+    Returns ``(weights, mu, mueff)``; the negative weights are scaled so the covariance stays positive definite.
+    """
+    raw = [math.log((popsize + 1) / 2) - math.log(i + 1) for i in range(popsize)]
+    mu = popsize // 2
+    pos = [w for w in raw if w > 0]
+    neg = [w for w in raw if w < 0]
+    mueff = sum(pos) ** 2 / sum(w * w for w in pos)
+    weights = [w / sum(pos) if w > 0 else 0.0 for w in raw]
+    if active and neg and cmu > 0:
+        mueff_neg = sum(neg) ** 2 / sum(w * w for w in neg)
+        alpha_mu = 1 + c1 / cmu
+        alpha_mueff = 1 + 2 * mueff_neg / (mueff + 2)
+        alpha_posdef = (1 - c1 - cmu) / (d * cmu)
+        scale = min(alpha_mu, alpha_mueff, alpha_posdef) / sum(abs(w) for w in neg)
+        weights = [w if r >= 0 else r * scale for w, r in zip(weights, raw)]
+    return weights, mu, mueff
+
+
+class CMAES(Searcher):
+    """Covariance Matrix Adaptation Evolution Strategy (full covariance), minimisation.
+
+    Args:
+        x0, sigma0: initial mean and (scalar) step size; the optimum should lie within ``x0 ± 3·sigma0``.
+        popsize: λ, default ``4 + floor(3 ln d)``; μ = λ // 2 parents.
+        active: negative weights for the worst λ − μ candidates (the tutorial's default; pycma's ``CMA_active``).
+        restarts: IPOP: when a termination criterion holds, restart with the population multiplied by
+            ``incpopsize``, up to ``restarts`` times; ``stop()`` is True only after the last run stops.
+        restart_from: ``"x0"`` (restart at ``x0``) or ``"uniform"`` (a uniform point in ``bounds``).
+        tolfun, tolx: termination tolerances on the recent fitness range and on the step length.
+        max_iter: generations per run before stopping (default as pycma: 100 + 150 (d+3)² / √λ).
+        other arguments: see :class:`gradkit.search.base.Searcher`.
+    """
+
+    paper = "The CMA Evolution Strategy: A Tutorial"
+    _state_attrs = ("x0", "sigma0", "m", "sigma", "C", "B", "D", "pc", "ps", "eigen_gen", "restarts_done",
+                    "run_generation", "fhist", "fbest_run", "sigma_run0", "last_frange")
+
+    def __init__(self, x0: TensorLike, sigma0: float, *, popsize: int | None = None,
+                 bounds=None, seed: int | None = None, on_nonfinite: str = "raise", active: bool = True,
+                 restarts: int = 0, incpopsize: float = 2.0, restart_from: str = "x0", tolfun: float = 1e-11,
+                 tolx: float = 1e-11, max_iter: int | None = None, dtype: torch.dtype = torch.float64,
+                 device=None):
+        super().__init__(x0, sigma0, popsize=popsize, bounds=bounds, seed=seed, on_nonfinite=on_nonfinite,
+                         dtype=dtype, device=device)
+        check_sigma_scalar(self.sigma0)
+        self.active = bool(active)
+        self.restarts = check_int("restarts", restarts)
+        self.incpopsize = check_range("incpopsize", incpopsize, 1.0, low_open=True)
+        if restart_from not in ("x0", "uniform"):
+            raise ValueError(f"restart_from must be 'x0' or 'uniform', got {restart_from!r}")
+        if restart_from == "uniform" and self.lower is None:
+            raise ValueError("restart_from='uniform' needs bounds")
+        self.restart_from = restart_from
+        self.tolfun = check_positive("tolfun", tolfun)
+        self.tolx = check_positive("tolx", tolx)
+        self.max_iter = None if max_iter is None else check_int("max_iter", max_iter, 1)
+        self.restarts_done = 0
+        self._init_run(self.x0, self.popsize)
+
+    # ---- strategy parameters (recomputed from popsize, never saved) -------------------------------------
+    def _set_parameters(self, popsize: int) -> None:
+        n = self.dim
+        self.popsize = popsize
+        raw = [math.log((popsize + 1) / 2) - math.log(i + 1) for i in range(popsize)]
+        pos = [w for w in raw if w > 0]
+        mueff = sum(pos) ** 2 / sum(w * w for w in pos)
+        alpha_cov = 2.0
+        self.c1 = alpha_cov / ((n + 1.3) ** 2 + mueff)
+        self.cmu = min(1 - self.c1, alpha_cov * (0.25 + mueff - 2 + 1 / mueff) / ((n + 2) ** 2 + alpha_cov * mueff / 2))
+        w, self.mu, self.mueff = cma_weights(popsize, n, self.c1, self.cmu, self.active)
+        self.weights = torch.tensor(w, dtype=self.dtype, device=self.device)
+        self.cc = (4 + mueff / n) / (n + 4 + 2 * mueff / n)
+        self.cs = (mueff + 2) / (n + mueff + 5)
+        self.ds = 1 + 2 * max(0.0, math.sqrt((mueff - 1) / (n + 1)) - 1) + self.cs
+        self.chi_n = math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n * n))
+        # Eigendecomposition costs O(d³); the tutorial recommends it every 1/(10 d (c1 + cμ)) generations.
+        self.eigen_every = max(1, int(1 / (10 * n * (self.c1 + self.cmu))))
+        self.max_gen = (self.max_iter if self.max_iter is not None
+                        else int(100 + 150 * (n + 3) ** 2 / math.sqrt(popsize)))
+
+    def _init_run(self, m: torch.Tensor, popsize: int) -> None:
+        self._set_parameters(popsize)
+        n, kw = self.dim, {"dtype": self.dtype, "device": self.device}
+        self.m = m.clone()
+        self.sigma = float(self.sigma0)
+        self.sigma_run0 = self.sigma
+        self.C = torch.eye(n, **kw)
+        self.B = torch.eye(n, **kw)
+        self.D = torch.ones(n, **kw)
+        self.pc = torch.zeros(n, **kw)
+        self.ps = torch.zeros(n, **kw)
+        self.eigen_gen = 0
+        self.run_generation = 0
+        self.fhist: list[float] = []  # best fitness of recent generations of this run (termination)
+        self.fbest_run = math.inf
+        self.last_frange = math.inf
+
+    def _after_load(self) -> None:
+        self._set_parameters(int(self.popsize))
+        self.fhist = list(self.fhist)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.m.clone()
+
+    @property
+    def step_size(self) -> float:
+        return self.sigma
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return self.C.clone()
+
+    def _sample(self) -> torch.Tensor:
+        z = torch.randn(self.popsize, self.dim, generator=self.generator, dtype=self.dtype, device=self.device)
+        return self.m + self.sigma * (z * self.D) @ self.B.T
+
+    def _update(self, x: torch.Tensor, f: torch.Tensor) -> None:
+        n, lam = self.dim, self.popsize
+        order = torch.argsort(f, stable=True)
+        y = (x[order] - self.m) / self.sigma  # [λ, d], best first
+        w = self.weights
+        mu = self.mu
+        yw = w[:mu] @ y[:mu]
+        self.m = self.m + self.sigma * yw
+        # C^{-1/2} y = B D^{-1} Bᵀ y, for the step-size path and the active weights.
+        invsqrt_y = ((y @ self.B) / self.D) @ self.B.T
+        invsqrt_yw = w[:mu] @ invsqrt_y[:mu]
+        self.ps = (1 - self.cs) * self.ps + math.sqrt(self.cs * (2 - self.cs) * self.mueff) * invsqrt_yw
+        g = self.run_generation + 1
+        ps_norm = float(self.ps.norm())
+        hsig = ps_norm / math.sqrt(1 - (1 - self.cs) ** (2 * g)) < (1.4 + 2 / (n + 1)) * self.chi_n
+        self.pc = (1 - self.cc) * self.pc + (math.sqrt(self.cc * (2 - self.cc) * self.mueff) * yw if hsig else 0.0)
+        wo = w.clone()
+        if self.active and lam > mu:
+            # Negative weights act on directions rescaled to length √d in the C-metric (tutorial eq. 46).
+            norms2 = (invsqrt_y[mu:] ** 2).sum(1).clamp_min(1e-300)
+            wo[mu:] = w[mu:] * n / norms2
+        delta_h = (1 - float(hsig)) * self.cc * (2 - self.cc)
+        decay = 1 + self.c1 * delta_h - self.c1 - self.cmu * float(w.sum())
+        rank_mu = (y * wo[:, None]).T @ y
+        self.C = decay * self.C + self.c1 * torch.outer(self.pc, self.pc) + self.cmu * rank_mu
+        self.C = (self.C + self.C.T) / 2
+        self.sigma *= math.exp(min(1.0, (self.cs / self.ds) * (ps_norm / self.chi_n - 1)))
+        self.run_generation = g
+        if g - self.eigen_gen >= self.eigen_every:
+            self._eigen()
+        fbest = float(f[order[0]])
+        self.fbest_run = min(self.fbest_run, fbest)
+        self.fhist.append(fbest)
+        keep = 10 + int(math.ceil(30 * n / lam))
+        if len(self.fhist) > keep:
+            del self.fhist[: len(self.fhist) - keep]
+        self.last_frange = float(f.max() - f.min())
+        if self.restarts_done < self.restarts and self._run_stop_reasons():
+            self._restart()
+
+    def _eigen(self) -> None:
+        evals, evecs = torch.linalg.eigh(self.C)
+        evals = evals.clamp_min(1e-300)
+        self.D = evals.sqrt()
+        self.B = evecs
+        self.eigen_gen = self.run_generation
+
+    def _restart(self) -> None:
+        self.restarts_done += 1
+        pop = int(round(self.popsize * self.incpopsize))
+        if self.restart_from == "uniform":
+            u = torch.rand(self.dim, generator=self.generator, dtype=self.dtype, device=self.device)
+            m = self.lower + u * (self.upper - self.lower)
+        else:
+            m = self.x0
+        self._init_run(m, pop)
+
+    def _run_stop_reasons(self) -> dict[str, Any]:
+        if self.run_generation == 0:
+            return {}
+        out: dict[str, Any] = {}
+        n = self.dim
+        frange = max(self.fhist) - min(self.fhist) if self.fhist else math.inf
+        frange = max(frange, self.last_frange)
+        if self.run_generation > 1 and frange < self.tolfun:
+            out["tolfun"] = frange
+        sd = self.sigma * torch.sqrt(torch.diagonal(self.C))
+        if float(torch.maximum(sd, self.sigma * self.pc.abs()).max()) < self.tolx:
+            out["tolx"] = float(sd.max())
+        cond = float((self.D.max() / self.D.min()) ** 2)
+        if cond > 1e14:
+            out["conditioncov"] = cond
+        # A step of 0.1 σ along a principal axis no longer changes the mean (in floating point).
+        i = self.run_generation % n
+        if bool((self.m == self.m + 0.1 * self.sigma * self.D[i] * self.B[:, i]).all()):
+            out["noeffectaxis"] = True
+        if bool((self.m == self.m + 0.2 * self.sigma * torch.sqrt(torch.diagonal(self.C))).any()):
+            out["noeffectcoord"] = True
+        if self.sigma * float(self.D.max()) > 1e4 * self.sigma_run0:
+            out["tolupsigma"] = self.sigma * float(self.D.max())
+        if self.run_generation >= self.max_gen:
+            out["maxiter"] = self.run_generation
+        return out
+
+    def _stop_reasons(self) -> dict[str, Any]:
+        if self.restarts_done < self.restarts:
+            return {}
+        return self._run_stop_reasons()

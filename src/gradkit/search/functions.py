@@ -1,0 +1,35 @@
+"""Classic test functions, batched: ``f(x)`` takes ``[..., d]`` and returns ``[...]``; minimum 0.
+
+``sphere`` Σ x², ``ellipsoid`` Σ c^{(i−1)/(d−1)} x_i² (condition ``c``, 1e6 by default), ``rosenbrock``
+Σ 100 (x_{i+1} − x_i²)² + (1 − x_i)² (minimum at 1), ``rastrigin`` 10 d + Σ x² − 10 cos(2π x) (multimodal).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["ellipsoid", "rastrigin", "rosenbrock", "sphere"]
+
+
+def sphere(x: torch.Tensor) -> torch.Tensor:
+    return (x * x).sum(-1)
+
+
+def ellipsoid(x: torch.Tensor, condition: float = 1e6) -> torch.Tensor:
+    d = x.shape[-1]
+    if d == 1:
+        return (x * x).sum(-1)
+    scale = condition ** (torch.arange(d, dtype=x.dtype, device=x.device) / (d - 1))
+    return (scale * x * x).sum(-1)
+
+
+def rosenbrock(x: torch.Tensor) -> torch.Tensor:
+    a, b = x[..., :-1], x[..., 1:]
+    return (100 * (b - a * a) ** 2 + (1 - a) ** 2).sum(-1)
+
+
+def rastrigin(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1]
+    return 10 * d + (x * x - 10 * torch.cos(2 * math.pi * x)).sum(-1)
