@@ -7,7 +7,7 @@ from tests.helpers import assert_parity, assert_state_dict_roundtrip, make_param
 
 
 def _seeded(factory):
-    # v is initialised from torch's global generator at the first step, as in the reference: seed both alike.
+    # With seed=None, v is initialised from torch's global generator at the first step, as in the reference.
     def make(ps):
         torch.manual_seed(1234)
         return factory(ps)
@@ -17,7 +17,7 @@ def _seeded(factory):
 
 def test_gravity_parity_with_pytorch_optimizer(kernel):
     kw = dict(lr=1e-2, alpha=0.02, beta=0.9)
-    ours = _seeded(lambda ps: gk.optim.Gravity(two_groups(ps, lr=3e-3, beta=0.8), **kw, kernel=kernel))
+    ours = _seeded(lambda ps: gk.optim.Gravity(two_groups(ps, lr=3e-3, beta=0.8), **kw, seed=None, kernel=kernel))
     ref = _seeded(lambda ps: RefGravity(two_groups(ps, lr=3e-3, beta=0.8), **kw, foreach=False))
     assert_parity(ours, ref, atol=2e-5)
 
@@ -34,11 +34,29 @@ def test_gravity_damps_large_gradient_entries():
     torch.testing.assert_close(p.detach(), expected, atol=1e-9, rtol=1e-5)
 
 
+def test_gravity_seeded_velocity_ignores_global_rng():
+    def run(global_seed, seed):
+        torch.manual_seed(global_seed)
+        ps = make_params()
+        opt = gk.optim.Gravity(ps, seed=seed, kernel="foreach")
+        for p in ps:
+            p.grad = torch.zeros_like(p)  # ζ = 0: after one step v = β₁·v₀ with β₁ = (0.9 + 1)/3
+        opt.step()
+        return [opt.state[p]["v"] / ((0.9 + 1) / 3) for p in ps]
+
+    same = run(1, 5), run(2, 5)
+    assert all(torch.equal(a, b) for a, b in zip(*same))
+    assert not torch.equal(run(1, 5)[0], run(1, 6)[0])
+    v = torch.cat([x.flatten() for x in run(1, 5)])
+    # The velocity starts near N(0, (α/lr)²) = N(0, 1): mean within 5 standard errors of 0 over ~800 draws.
+    assert abs(float(v.mean())) < 5 / v.numel() ** 0.5 and 0.8 < float(v.std()) < 1.2
+
+
 def test_gravity_state_dict_roundtrip(kernel):
     assert_state_dict_roundtrip(_seeded(lambda ps: gk.optim.Gravity(two_groups(ps, lr=3e-3), kernel=kernel)))
 
 
-@pytest.mark.parametrize("arg,value", [("lr", 0.0), ("alpha", 1.5), ("beta", -0.1)])
+@pytest.mark.parametrize("arg,value", [("lr", 0.0), ("alpha", 1.5), ("beta", -0.1), ("seed", -1)])
 def test_gravity_bad_input_names_argument(arg, value):
     with pytest.raises(ValueError, match=arg):
         gk.optim.Gravity(make_params(), **{arg: value}, kernel="foreach")

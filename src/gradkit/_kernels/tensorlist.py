@@ -104,6 +104,9 @@ class TensorList:
         return self
 
     # -- unary operations --------------------------------------------------------------------------
+    def __pow__(self, exponent) -> TensorList:
+        return TensorList(torch._foreach_pow(self.ts, self._arg(exponent)))
+
     def sqrt(self) -> TensorList:
         return TensorList(torch._foreach_sqrt(self.ts))
 

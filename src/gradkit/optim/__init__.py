@@ -1,6 +1,7 @@
 """Optimizers: ``torch.optim.Optimizer`` subclasses on gradkit's shared kernel layer."""
 
 from ._base import ElementwiseOptimizer, Optimizer
+from .adahessian import AdaHessian
 from .adam import Adam, AdamW
 from .ademamix import AdEMAMix
 from .diffgrad import DiffGrad
@@ -10,6 +11,7 @@ from .mars import MARS
 from .muon import Muon
 
 __all__ = [
+    "AdaHessian",
     "AdEMAMix",
     "Adam",
     "AdamW",

@@ -4,9 +4,11 @@ Paper: "Gravity Optimizer: a Kinematic Approach on Optimization in Deep Learning
 
     m = 1/max|g|,   ζ = g / (1 + (g/m)²),   β_t = (β·t + 1)/(t + 2),   v ← β_t·v + (1−β_t)·ζ,   p ← p − lr·v
 
-with v initialised from N(0, (α/lr)²). The initial draw uses torch's global generator (as the reference
-does), so ``torch.manual_seed`` before the first step makes a run reproducible. Names and defaults follow
-``pytorch-optimizer``'s ``Gravity`` (the parity oracle). There is no weight decay in the method.
+with v initialised from N(0, (α/lr)²) at a parameter's first step. With ``seed`` (default 0) the draw for the
+i-th parameter (in param-group order) comes from a generator seeded by (seed, i): reproducible, independent of
+the global RNG and identical on every rank of a data-parallel job. ``seed=None`` draws from torch's global
+generator, as the reference does. Names and defaults follow ``pytorch-optimizer``'s ``Gravity`` (the parity
+oracle). There is no weight decay in the method.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 
 from .._kernels import Elementwise
-from .._validate import check_positive, check_range
+from .._validate import check_int, check_positive, check_range
 from ._base import Optimizer, ParamsT
 
 __all__ = ["Gravity"]
@@ -37,10 +39,20 @@ class Gravity(Optimizer):
 
     paper = "Gravity Optimizer: a Kinematic Approach on Optimization in Deep Learning"
 
-    def __init__(self, params: ParamsT, lr: float = 1e-2, alpha: float = 0.01, beta: float = 0.9, *,
-                 kernel: str = "auto", on_nonfinite: str = "ignore"):
+    def __init__(self, params: ParamsT, lr: float = 1e-2, alpha: float = 0.01, beta: float = 0.9,
+                 seed: int | None = 0, *, kernel: str = "auto", on_nonfinite: str = "ignore"):
+        if seed is not None:
+            check_int("seed", seed)
         defaults = dict(lr=lr, alpha=alpha, beta=beta)
         super().__init__(params, defaults, kernel=kernel, on_nonfinite=on_nonfinite)
+        self.seed = seed
+
+    def _initial_velocity(self, p: torch.Tensor, std: float) -> torch.Tensor:
+        if self.seed is None:
+            return torch.empty_like(p).normal_(mean=0.0, std=std)
+        index = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return torch.empty(p.shape, dtype=p.dtype).normal_(mean=0.0, std=std, generator=gen).to(p.device)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         # lr > 0: the velocity's initial scale is α/lr.
@@ -54,7 +66,7 @@ class Gravity(Optimizer):
             state = self.state[p]
             if not state:
                 state["step"] = 0
-                state["v"] = torch.empty_like(p).normal_(mean=0.0, std=group["alpha"] / group["lr"])
+                state["v"] = self._initial_velocity(p, group["alpha"] / group["lr"])
             buckets.setdefault(state["step"], []).append(p)
         for step, ps in buckets.items():
             step += 1
