@@ -1,0 +1,45 @@
+"""Fused reductions over all gradients, shared by the clipping transforms."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .._kernels import group_by_device_dtype, sq_norms
+
+__all__ = ["global_norm", "scale_"]
+
+# torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); the clipping transforms use the same guard so that
+# ClipNorm matches it exactly and a zero gradient never divides by zero.
+NORM_EPS = 1e-6
+
+
+def global_norm(grads: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of all gradients taken together, as a 0-d float tensor (no host synchronisation).
+
+    One ``torch._foreach_norm`` per device/dtype: 2-norms through :func:`gradkit._kernels.sq_norms`, other orders
+    with ``torch._foreach_norm(grads, norm_type)`` and a norm of the per-tensor norms, as torch does.
+    """
+    if not grads:
+        return torch.tensor(0.0)
+    device = grads[0].device
+    if norm_type == 2.0:
+        return torch.stack([s.to(device) for s in sq_norms(grads)]).sum().sqrt()
+    norms: list[torch.Tensor] = []
+    for group in group_by_device_dtype([list(grads)]):
+        norms.extend(n.to(device) for n in torch._foreach_norm(group[0], norm_type))
+    stacked = torch.stack(norms)
+    if math.isinf(norm_type):
+        return stacked.max()
+    return torch.linalg.vector_norm(stacked, norm_type)
+
+
+def scale_(grads: Sequence[torch.Tensor], coef: torch.Tensor | float) -> None:
+    """``g *= coef`` for every gradient, one foreach call per device/dtype."""
+    if not grads:
+        return
+    for group in group_by_device_dtype([list(grads)]):
+        c = coef.to(group[0][0].device) if isinstance(coef, torch.Tensor) else coef
+        torch._foreach_mul_(group[0], c)
