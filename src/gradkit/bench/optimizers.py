@@ -51,6 +51,12 @@ REFERENCES: dict[str, Factory] = {
     "Lion": _ref("lion_pytorch", "Lion"),
     "AdEMAMix": _ref("pytorch_optimizer", "AdEMAMix"),
     "DiffGrad": _ref("pytorch_optimizer", "DiffGrad"),
+    "MARS": _ref("pytorch_optimizer", "MARS"),
+    "Gravity": _ref("pytorch_optimizer", "Gravity"),
+    # Behavioural only: heavyball's Muon differs in momentum form and shape scaling, and compiles its step.
+    "Muon": _ref("heavyball", "Muon"),
+    # AdaHessian is absent on purpose: its step needs gradients with a graph (backward(create_graph=True)),
+    # which this benchmark's synthetic gradients lack; its row reports that error.
 }
 
 # Extra constructor arguments some optimizers need to be stepped with synthetic gradients.
