@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 
 from ._validate import check_positive
+from .errors import NonFiniteError
 
-__all__ = ["Comm", "DistributedError", "is_distributed"]
+__all__ = ["Comm", "DistributedError", "is_distributed", "resolve_comm"]
 
 
 class DistributedError(RuntimeError):
@@ -37,6 +38,20 @@ class DistributedError(RuntimeError):
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def resolve_comm(comm: Comm | str | None, seed: int | None = None) -> Comm | None:
+    """A source's ``comm=`` argument: ``"auto"`` means a :class:`Comm` when torch.distributed is initialised.
+
+    With a seed, checks that every rank holds the same one (shared perturbations need a shared seed).
+    """
+    if comm == "auto":
+        comm = Comm() if is_distributed() else None
+    elif comm is not None and not isinstance(comm, Comm):
+        raise ValueError(f"comm must be 'auto', None or a gradkit.distributed.Comm, got {comm!r}")
+    if comm is not None and seed is not None:
+        comm.check_same(seed, "seed")
+    return comm if comm is not None and comm.active else None
 
 
 class Comm:
@@ -83,24 +98,29 @@ class Comm:
         self.bytes_sent += t.numel() * t.element_size() * (self.world - 1)
         return out.view(self.world, *t.shape)
 
-    def gather_scalars(self, compute: Callable[[], torch.Tensor], n: int) -> torch.Tensor:
-        """All ``n`` scalars, this rank computing ``compute()`` = its ``len(split(n))`` values (float64)."""
+    def gather_scalars(self, compute: Callable[[], torch.Tensor], n: int, per_item: int = 1) -> torch.Tensor:
+        """All ``n`` items' scalars, ``[n, per_item]`` float64 (``[n]`` when ``per_item == 1``), in item order.
+
+        ``compute()`` returns this rank's items, ``split(n)``, as ``len(split(n))·per_item`` values.
+        """
         mine = self.split(n)
         err: BaseException | None = None
         try:
             local = torch.as_tensor(compute(), dtype=torch.float64).reshape(-1).cpu()
-            if local.numel() != len(mine):
-                raise ValueError(f"compute() returned {local.numel()} values, this rank owns {len(mine)}")
+            if local.numel() != len(mine) * per_item:
+                raise ValueError(f"compute() returned {local.numel()} values, this rank owns "
+                                 f"{len(mine)} items of {per_item}")
         except Exception as exc:  # reported to every rank below, then re-raised here
-            err, local = exc, torch.zeros(len(mine), dtype=torch.float64)
+            err, local = exc, torch.zeros(len(mine) * per_item, dtype=torch.float64)
+        code = 0.0 if err is None else 2.0 if isinstance(err, NonFiniteError) else 1.0
         if not self.active:
             if err is not None:
                 raise err
-            return local
-        width = -(-n // self.world)  # ceil: every rank sends the same size
+            return local.reshape(n, per_item) if per_item > 1 else local
+        width = -(-n // self.world) * per_item  # every rank sends the same size
         packet = torch.zeros(width + 1, dtype=torch.float64)
-        packet[0] = 0.0 if err is None else 1.0
-        packet[1:1 + len(mine)] = local
+        packet[0] = code
+        packet[1:1 + local.numel()] = local
         table = self._all_gather(packet)
         failed = [r for r in range(self.world) if table[r, 0] != 0]
         if failed:
@@ -109,9 +129,12 @@ class Comm:
             dist.all_gather_object(messages, None if err is None else f"{type(err).__name__}: {err}",
                                    group=self._group)
             detail = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
+            if all(table[r, 0] == 2.0 for r in failed):
+                # Keep the type: a Pipeline with on_nonfinite="skip" skips the step on every rank alike.
+                raise NonFiniteError(f"non-finite loss on rank(s) {failed} ({detail}); nothing was updated") from err
             raise DistributedError(f"closure failed on rank(s) {failed} ({detail})") from err
-        parts = [table[r, 1:1 + len(self._split_of(r, n))] for r in range(self.world)]
-        return torch.cat(parts)
+        out = torch.cat([table[r, 1:1 + len(self._split_of(r, n)) * per_item] for r in range(self.world)])
+        return out.reshape(n, per_item) if per_item > 1 else out
 
     def _split_of(self, rank: int, n: int) -> range:
         base, extra = divmod(n, self.world)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .._validate import check_int, check_positive
+from ..distributed import Comm, resolve_comm
 from ._perturb import Perturbation, centred_ranks
 from .base import Closure, Source
 
@@ -32,13 +33,17 @@ class ES(Source):
     the smoothed gradient — it is a rank-weighted search direction). Returns the population's mean loss, an
     estimate of ``f_σ(θ)``.
 
-    Distributed use: :meth:`scalars` evaluates any subset of members; :meth:`write` takes all members' losses.
+    Distributed: when ``torch.distributed`` is initialised (``comm="auto"``, or pass a
+    :class:`gradkit.distributed.Comm`), the population is split across ranks, each rank evaluates its members
+    (:meth:`scalars`), the losses are all-gathered, and every rank applies the same update (:meth:`write`),
+    regenerating every member from the shared seed. ``comm=None`` keeps every rank independent.
     """
 
     paper = "Evolution Strategies as a Scalable Alternative to Reinforcement Learning"
 
     def __init__(self, model_or_params: torch.nn.Module | Iterable[torch.Tensor], sigma: float = 0.01,
-                 population: int = 16, *, antithetic: bool = True, rank_shaping: bool = True, seed: int = 0):
+                 population: int = 16, *, antithetic: bool = True, rank_shaping: bool = True, seed: int = 0,
+                 comm: Comm | str | None = "auto"):
         super().__init__(model_or_params)
         self.sigma = check_positive("sigma", sigma)
         self.population = check_int("population", population, 2 if antithetic else 1)
@@ -49,6 +54,7 @@ class ES(Source):
         self.seed = check_int("seed", seed, 0)
         self.perturbation = Perturbation(self.params, self.seed, "gaussian")
         self.step_count = 0
+        self.comm = resolve_comm(comm, self.seed)
 
     def _member(self, m: int) -> tuple[int, float]:
         """(direction index, sign) of population member ``m``."""
@@ -78,7 +84,11 @@ class ES(Source):
         self.step_count += 1
 
     def estimate(self, closure: Closure) -> torch.Tensor:
-        losses = self.scalars(closure, range(self.population))
+        if self.comm is None:
+            losses = self.scalars(closure, range(self.population))
+        else:  # each rank evaluates its share of the population; only the losses travel
+            losses = self.comm.gather_scalars(lambda: self.scalars(closure, self.comm.split(self.population)),
+                                              self.population)
         self.write(losses)
         return losses.mean().to(torch.float32)
 

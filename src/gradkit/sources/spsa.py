@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .._validate import check_int, check_positive
+from ..distributed import Comm, resolve_comm
 from ._perturb import Perturbation
 from .base import Closure, Source
 
@@ -32,14 +33,18 @@ class SPSA(Source):
     raises (see :mod:`gradkit.sources._perturb`). For the fused update with no gradient buffer at all, use
     :class:`~gradkit.sources.ZOSGD`.
 
-    Distributed use: :meth:`scalars` evaluates any subset of the step's directions (one rank's share) and
-    :meth:`write` forms the gradient from all directions' scalars, regenerating every direction from the seed.
+    Distributed: when ``torch.distributed`` is initialised (``comm="auto"``, or pass a
+    :class:`gradkit.distributed.Comm`), the directions are split across ranks, each rank evaluates its share
+    (:meth:`scalars`), the per-direction losses are all-gathered, and every rank forms the same gradient
+    (:meth:`write`), regenerating every direction from the shared seed. ``comm=None`` keeps every rank
+    independent.
     """
 
     paper = "Multivariate Stochastic Approximation Using a Simultaneous Perturbation Gradient Approximation"
 
     def __init__(self, model_or_params: torch.nn.Module | Iterable[torch.Tensor], eps: float = 1e-3,
-                 n_directions: int = 1, *, seed: int = 0, distribution: str = "gaussian"):
+                 n_directions: int = 1, *, seed: int = 0, distribution: str = "gaussian",
+                 comm: Comm | str | None = "auto"):
         super().__init__(model_or_params)
         self.eps = check_positive("eps", eps)
         self.n_directions = check_int("n_directions", n_directions, 1)
@@ -47,6 +52,7 @@ class SPSA(Source):
         self.perturbation = Perturbation(self.params, self.seed, distribution)
         self.distribution = distribution
         self.step_count = 0
+        self.comm = resolve_comm(comm, self.seed)
 
     def scalars(self, closure: Closure, ks: Sequence[int]) -> torch.Tensor:
         """``[len(ks), 2]`` float64: ``(f(θ + ε z_k), f(θ − ε z_k))`` for the directions ``ks`` of this step."""
@@ -63,7 +69,11 @@ class SPSA(Source):
         self.step_count += 1
 
     def estimate(self, closure: Closure) -> torch.Tensor:
-        s = self.scalars(closure, range(self.n_directions))
+        if self.comm is None:
+            s = self.scalars(closure, range(self.n_directions))
+        else:  # each rank evaluates its share of the directions; only the scalars travel
+            s = self.comm.gather_scalars(lambda: self.scalars(closure, self.comm.split(self.n_directions)),
+                                         self.n_directions, per_item=2)
         self.write(s)
         return s.mean().to(torch.float32)
 

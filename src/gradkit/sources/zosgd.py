@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .._validate import check_int, check_nonneg, check_positive
+from ..distributed import Comm, resolve_comm
 from ._perturb import Perturbation
 from .base import Closure, Source
 
@@ -45,7 +46,7 @@ class ZOSGD(Source, torch.optim.Optimizer):
 
     def __init__(self, model_or_params: torch.nn.Module | Iterable[torch.Tensor], lr: float = 1e-3,
                  eps: float = 1e-3, n_directions: int = 1, *, weight_decay: float = 0.0, seed: int = 0,
-                 distribution: str = "gaussian"):
+                 distribution: str = "gaussian", comm: Comm | str | None = "auto"):
         Source.__init__(self, model_or_params)
         check_positive("lr", lr)
         check_nonneg("weight_decay", weight_decay)
@@ -57,12 +58,19 @@ class ZOSGD(Source, torch.optim.Optimizer):
         self.distribution = distribution
         self.step_count = 0
         self._estimated = False
+        self.comm = resolve_comm(comm, self.seed)
 
     def estimate(self, closure: Closure) -> torch.Tensor:
         t, pert = self.step_count, self.perturbation
         ks = range(self.n_directions)
-        scalars = pert.evaluate(closure, t, [(k, s * self.eps) for k in ks for s in (1.0, -1.0)])
-        scalars = scalars.reshape(self.n_directions, 2)
+        def evaluate(mine) -> torch.Tensor:
+            return pert.evaluate(closure, t, [(k, s * self.eps) for k in mine for s in (1.0, -1.0)])
+
+        if self.comm is None:
+            scalars = evaluate(ks).reshape(self.n_directions, 2)
+        else:  # each rank evaluates its share of the directions; all apply every direction from the seeds
+            scalars = self.comm.gather_scalars(lambda: evaluate(self.comm.split(self.n_directions)),
+                                               self.n_directions, per_item=2)
         coef = ((scalars[:, 0] - scalars[:, 1]) / (2.0 * self.eps * self.n_directions)).tolist()
         with torch.no_grad():
             for group in self.param_groups:
