@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .._validate import check_int
+from ..distributed import Comm, resolve_comm
 from .base import Searcher, TensorLike
 from .cem import CEM
 from .cmaes import CMAES
@@ -67,7 +68,8 @@ def _evaluate(f: Callable, x: torch.Tensor, batched: bool) -> torch.Tensor:
 
 def minimize(f: Callable[[torch.Tensor], Any], x0: TensorLike, sigma0: TensorLike, method: str = "cmaes", *,
              budget: int | None = None, seed: int | None = None, batched: bool = True, ftarget: float | None = None,
-             bounds=None, callback: Callable[[Searcher], Any] | None = None, **options: Any) -> SearchResult:
+             bounds=None, callback: Callable[[Searcher], Any] | None = None, distributed: bool | Comm = False,
+             **options: Any) -> SearchResult:
     """Minimise ``f`` from ``x0`` with step size ``sigma0`` by ``method``.
 
     Args:
@@ -79,6 +81,10 @@ def minimize(f: Callable[[torch.Tensor], Any], x0: TensorLike, sigma0: TensorLik
             not started.
         ftarget: stop as soon as a value ``<= ftarget`` is found.
         callback: called with the searcher after every generation; returning True stops the run.
+        distributed: ``True`` (or a :class:`gradkit.distributed.Comm`) when ``torch.distributed`` is
+            initialised: every rank runs the same searcher (same ``seed``, required), evaluates its share of
+            each generation's candidates, and the fitness values are all-gathered, so every rank tells the same
+            values and ends with the same result. A rank whose ``f`` raises makes every rank raise.
         options: passed to the searcher (e.g. ``popsize``, ``restarts`` for CMA-ES's IPOP).
     """
     if isinstance(method, str):
@@ -89,6 +95,11 @@ def minimize(f: Callable[[torch.Tensor], Any], x0: TensorLike, sigma0: TensorLik
         cls = method
     else:
         raise ValueError(f"method must be one of {tuple(METHODS)} or a Searcher class, got {method!r}")
+    comm = None
+    if distributed is not False and distributed is not None:
+        if seed is None:
+            raise ValueError("seed is required with distributed=True: every rank must run the same searcher")
+        comm = resolve_comm(distributed if isinstance(distributed, Comm) else "auto", seed)
     es = cls(x0, sigma0, seed=seed, bounds=bounds, **options)
     budget = check_int("budget", int(1e4 * es.dim) if budget is None else budget, 1)
     history: list[tuple[int, float]] = []
@@ -98,7 +109,11 @@ def minimize(f: Callable[[torch.Tensor], Any], x0: TensorLike, sigma0: TensorLik
             stop = {"budget": budget}
             break
         x = es.ask()
-        fx = _evaluate(f, x, batched)
+        if comm is None:
+            fx = _evaluate(f, x, batched)
+        else:  # this rank's share of the candidates; every rank receives every fitness value
+            mine = comm.split(len(x))
+            fx = comm.gather_scalars(lambda: _evaluate(f, x[mine.start:mine.stop], batched), len(x)).to(x.dtype)
         es.tell(x, fx)
         history.append((es.nfev, es.best_f))
         if ftarget is not None and es.best_f <= ftarget:
