@@ -177,7 +177,8 @@ class Elementwise:
                 self.fn(*tensors, **scalars)
         elif mode == "foreach":
             for group in group_by_device_dtype(lists):
-                self.fn(*(TensorList(lst) for lst in group), **scalars)
+                for chunk in _cache_blocks(group):
+                    self.fn(*(TensorList(lst) for lst in chunk), **scalars)
         elif mode == "compiled":
             if self._compiled is None:
                 self._compiled = self._make_compiled()
@@ -192,6 +193,30 @@ class Elementwise:
                     compile_stats[self.name] += time.perf_counter() - start
         else:
             raise ValueError(f"kernel must be one of {KERNELS[1:]}, got {mode!r}")
+
+
+# On CPU a foreach op is a loop over tensors; what costs is that each out-of-place op materialises a whole
+# list of temporaries, which for large lists falls out of cache (and into fresh pages). Blocking the lists so
+# one block's temporaries stay cache-sized keeps foreach at least as fast as the per-tensor loop on CPU.
+# Accelerators keep one block: there the win of foreach is fewer kernel launches.
+CPU_BLOCK_BYTES = 1 << 18
+
+
+def _cache_blocks(group: list[list[torch.Tensor]]) -> list[list[list[torch.Tensor]]]:
+    first = group[0]
+    if first[0].device.type != "cpu":
+        return [group]
+    blocks, start, size = [], 0, 0
+    for i, t in enumerate(first):
+        nbytes = t.numel() * t.element_size()
+        if i > start and size + nbytes > CPU_BLOCK_BYTES:
+            blocks.append((start, i))
+            start, size = i, 0
+        size += nbytes
+    blocks.append((start, len(first)))
+    if len(blocks) == 1:
+        return [group]
+    return [[lst[a:b] for lst in group] for a, b in blocks]
 
 
 def _compile_count() -> int:
