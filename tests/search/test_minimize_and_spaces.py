@@ -117,6 +117,13 @@ def test_lora_singular_values_adds_u_diag_s_vt():
     for u in space.factors():
         torch.testing.assert_close(u.T @ u, torch.eye(2), atol=1e-6, rtol=0)
     assert torch.equal(model[0].weight, w[0]) and torch.equal(model[2].weight, w[1])
+    # population mode: one forward pass evaluates every candidate
+    cands = torch.randn(3, 4, dtype=torch.float64)
+    with space.population(cands):
+        batched = model(x.expand(3, *x.shape))
+    for k in range(3):
+        with space.at(cands[k]):
+            torch.testing.assert_close(batched[k], model(x), rtol=1e-5, atol=1e-5)
     space.remove()
     torch.testing.assert_close(model(x), base)
 

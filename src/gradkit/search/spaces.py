@@ -107,8 +107,11 @@ class LoRASingularValues:
         r = self.rank
 
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-            s = self.vector[i * r:(i + 1) * r]
-            return output + ((inputs[0] @ self.V[i]) * s) @ self.U[i].T
+            h = inputs[0] @ self.V[i]
+            s = self.vector[..., i * r:(i + 1) * r]
+            if s.dim() == 2:  # population mode: s [pop, r] against activations [pop, ..., r]
+                s = s.view(s.shape[0], *([1] * (h.dim() - 2)), r)
+            return output + (h * s) @ self.U[i].T
 
         return hook
 
@@ -134,6 +137,20 @@ class LoRASingularValues:
             yield
         finally:
             self.set(saved)
+
+    @contextlib.contextmanager
+    def population(self, candidates: torch.Tensor) -> Iterator[None]:
+        """Evaluate a whole population in one forward pass: inside, feed inputs with a leading population
+        dimension (``x.expand(pop, *x.shape)`` costs no copy) and candidate k's adapters act on slice k."""
+        c = torch.as_tensor(candidates)
+        if c.dim() != 2 or c.shape[1] != self.dim:
+            raise ValueError(f"candidates must have shape [pop, {self.dim}], got {tuple(c.shape)}")
+        saved = self.vector
+        self.vector = c.to(dtype=self.dtype, device=self.device)
+        try:
+            yield
+        finally:
+            self.vector = saved
 
     def factors(self) -> list[torch.Tensor]:
         """U and V of every adapted layer (``requires_grad_()`` them to fine-tune whole adapters by backprop)."""
