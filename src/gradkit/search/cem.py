@@ -58,6 +58,9 @@ class CEM(Searcher):
     def default_popsize(self, d: int) -> int:
         return 10 * default_popsize(d)
 
+    def _after_load(self) -> None:
+        self.n_elites = max(2, int(math.ceil(self.elite_ratio * self.popsize)))
+
     @property
     def mean(self) -> torch.Tensor:
         return self.m.clone()

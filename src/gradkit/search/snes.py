@@ -56,6 +56,9 @@ class SNES(Searcher):
         self.m = self.x0.clone()
         self.sigma = self.sigma0.expand(d).clone()
 
+    def _after_load(self) -> None:
+        self.utilities = nes_utilities(self.popsize, self.dtype, self.device)
+
     @property
     def mean(self) -> torch.Tensor:
         return self.m.clone()
