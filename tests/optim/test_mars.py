@@ -33,8 +33,7 @@ def _parity(kernel, mars_type, optimize_1d):
 
 
 def test_mars_clipping_engages():
-    # The correction c has norm > 1 for these gradients: without the clip the first AdamW-form step of a
-    # 2-D tensor would still be lr·sign-like, so compare the first momentum directly instead.
+    # c = g·(1 + γ·β1/(1−β1)) has norm ≫ 1 here, so the first momentum is (1−β1)·c/‖c‖, not (1−β1)·c.
     p = torch.zeros(8, 8, requires_grad=True)
     opt = gk.optim.MARS([p], lr=0.1, kernel="loop")
     p.grad = torch.full((8, 8), 10.0)
