@@ -44,6 +44,18 @@ def _ref(module: str, attr: str, **kw) -> Factory:
     return make
 
 
+def _train_mode(factory: Factory) -> Factory:
+    """Schedule-Free references start in eval mode and refuse to step until ``train()`` is called."""
+
+    def make(params):
+        opt = factory(params)
+        opt.train()
+        return opt
+
+    make.label = factory.label  # type: ignore[attr-defined]
+    return make
+
+
 # gradkit class name -> the reference implementation of the same algorithm (same hyper-parameters).
 REFERENCES: dict[str, Factory] = {
     "AdamW": _ref("torch.optim", "AdamW", foreach=True),
@@ -55,6 +67,13 @@ REFERENCES: dict[str, Factory] = {
     "Gravity": _ref("pytorch_optimizer", "Gravity"),
     # Behavioural only: heavyball's Muon differs in momentum form and shape scaling, and compiles its step.
     "Muon": _ref("heavyball", "Muon"),
+    "ScheduleFreeAdamW": _train_mode(_ref("schedulefree", "AdamWScheduleFree")),
+    "ScheduleFreeSGD": _train_mode(_ref("schedulefree", "SGDScheduleFree")),
+    "DoG": _ref("dog", "DoG"),
+    "LDoG": _ref("dog", "LDoG"),
+    "DAdaptSGD": _ref("dadaptation", "DAdaptSGD"),
+    "DAdaptAdam": _ref("dadaptation", "DAdaptAdam"),
+    "Prodigy": _ref("prodigyopt", "Prodigy"),
     # AdaHessian is absent on purpose: its step needs gradients with a graph (backward(create_graph=True)),
     # which this benchmark's synthetic gradients lack; its row reports that error.
 }
