@@ -129,6 +129,18 @@ def test_spike_resets_patience():
     assert "small.weight" in g.frozen and g.frozen["small.weight"] == 6
 
 
+def test_smoothing_averages_the_statistic_before_the_threshold():
+    model = TwoLayer()
+    g = gk.control.GradES(model, tau=1.0, patience=1, targets=["small.weight"], observe="transform", smoothing=0.5)
+    p = model.small.weight
+    for v, expected in [(4.0, 4.0), (0.0, 2.0), (0.0, 1.0), (0.0, 0.5)]:
+        p.grad = torch.full_like(p, v / p.numel())
+        g()
+        g.after_step(0.0)
+        assert g.last.get("small.weight", 0.5) == pytest.approx(expected)
+        assert ("small.weight" in g.frozen) == (expected < 1.0)
+
+
 def test_hook_and_transform_observation_agree():
     m1, m2 = TwoLayer(), TwoLayer()
     g1 = gk.control.GradES(m1, tau=1e-12, statistic="mean_abs")
@@ -178,6 +190,7 @@ def test_state_dict_roundtrip_restores_frozen_set():
                                      ("patience", dict(tau=1.0, patience=0)),
                                      ("warmup_steps", dict(tau=1.0, warmup_steps=-1)),
                                      ("statistic", dict(tau=1.0, statistic="l2")),
+                                     ("smoothing", dict(tau=1.0, smoothing=1.0)),
                                      ("targets", dict(tau=1.0, targets=["nope.weight"])),
                                      ("targets", dict(tau=1.0, targets="layers"))])
 def test_bad_input(name, kw):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._validate import check_choice, check_int, check_positive
+from .._validate import check_beta, check_choice, check_int, check_positive
 from .base import Controller
 
 __all__ = ["GradES"]
@@ -28,10 +28,13 @@ class GradES(Controller):
     matrix's gradient as produced by backpropagation, i.e. *before* any transform such as clipping.
     ``statistic="mean_abs"`` divides by the number of elements, so one ``tau`` suits matrices of every size.
     A matrix is frozen when its statistic has been below ``tau`` for ``patience`` consecutive steps, counting
-    only steps after ``warmup_steps`` (the paper's grace period). Freezing calls ``requires_grad_(False)`` and sets
-    ``.grad = None``, so backward no longer computes it and every gradkit/torch optimizer skips it (no update,
-    no weight decay, no state change). With ``optimizer=``, the matrix's optimizer state is also dropped to free
-    memory: a frozen matrix never trains again in this run, and a checkpoint simply omits its state.
+    only steps after ``warmup_steps`` (the paper's grace period). ``smoothing=β > 0`` compares an EMA of the
+    statistic (β·previous + (1−β)·current) instead of the raw value, so that mini-batch noise does not keep
+    resetting the patience counter (0, the default, is the paper's raw rule). Freezing calls
+    ``requires_grad_(False)`` and sets ``.grad = None``, so backward no longer computes it and every gradkit/torch
+    optimizer skips it (no update, no weight decay, no state change). With ``optimizer=``, the matrix's optimizer
+    state is also dropped to free memory: a frozen matrix never trains again in this run, and a checkpoint
+    simply omits its state.
     ``should_stop`` becomes True when all tracked matrices are frozen (other parameters, e.g. biases and norms,
     train until then, as in the paper).
 
@@ -53,14 +56,15 @@ class GradES(Controller):
     paper = "GradES: Significantly Faster Training in Transformers with Gradient-Based Early Stopping"
 
     def __init__(self, model: nn.Module, tau: float, *, patience: int = 1, warmup_steps: int = 0,
-                 targets: Targets = "matrices", statistic: str = "l1", optimizer: torch.optim.Optimizer | None = None,
-                 observe: str = "backward"):
+                 targets: Targets = "matrices", statistic: str = "l1", smoothing: float = 0.0,
+                 optimizer: torch.optim.Optimizer | None = None, observe: str = "backward"):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.tau = check_positive("tau", tau)
         self.patience = check_int("patience", patience, 1)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.statistic = check_choice("statistic", statistic, ("l1", "mean_abs"))
+        self.smoothing = check_beta("smoothing", smoothing)
         self.observe = check_choice("observe", observe, ("backward", "transform"))
         self.optimizer = optimizer
         self.named = self._select(model, targets)
@@ -128,6 +132,8 @@ class GradES(Controller):
         values = torch.stack([self._pending[n].float() for n in seen]).tolist() if seen else []
         self._pending.clear()
         for n, v in zip(seen, values):
+            if self.smoothing and n in self.last:
+                v = self.smoothing * self.last[n] + (1 - self.smoothing) * v
             self.last[n] = v
             if self.steps <= self.warmup_steps:
                 continue
