@@ -55,7 +55,12 @@ def test_restoration_is_exact_where_naive_round_trips_are_not():
     p[5], p[6] = float("nan"), float("inf")
     p.requires_grad_()
     orig = p.detach().clone()
-    pert = Perturbation([p], seed=3)
+    # Chunks of 1000 elements: the 4000-element parameter is shifted and restored in 4 pieces; a transposed
+    # (non-contiguous) parameter takes the whole-tensor path.
+    q = (torch.randn(30, 20, generator=gen) * 1e-4).t().detach().requires_grad_()
+    q_orig = q.detach().clone()
+    assert not q.is_contiguous()
+    pert = Perturbation([p, q], seed=3, chunk=1000)
     d = pert.direction(0, 0, 0).mul_(0.5)
     naive = (orig + d) - d
     assert not torch.equal(naive, orig) and int((naive != orig).sum()) > 10  # the problem is real
@@ -63,6 +68,17 @@ def test_restoration_is_exact_where_naive_round_trips_are_not():
         assert not torch.equal(p.detach(), orig)
     # Bit for bit, NaN payload included.
     assert torch.equal(p.detach().view(torch.int32), orig.view(torch.int32))
+    assert torch.equal(q.detach(), q_orig)
+    # The fused update and .grad use the same chunked directions.
+    pert.combine(0, [0, 1], [0.5, -2.0])
+    want = 0.5 * pert.direction(0, 0, 0) - 2.0 * pert.direction(0, 0, 1)
+    torch.testing.assert_close(p.grad, want)
+    with torch.no_grad():
+        before = q.detach().clone()
+        pert.apply(0, [0], [2.0], 0.25)
+        torch.testing.assert_close(q, before + 0.5 * pert.direction(1, 0, 0))
+        q.copy_(q_orig)
+        p.copy_(orig)
     # Repeated shifts never drift.
     for k in range(20):
         with pert.shifted(1, k, 1e-3 * (k + 1)):
@@ -259,3 +275,27 @@ def test_frozen_parameters_are_neither_perturbed_nor_given_a_gradient():
         src.estimate(lambda: F.cross_entropy(model(x), y))
         assert torch.equal(model[0].weight, frozen) and torch.equal(model[0].bias, bias), name
         assert model[0].weight.grad is None and model[0].bias.grad is None, name
+
+
+@pytest.mark.parametrize("fail_on_chunk", [0, 1, 3, 5])
+def test_an_interruption_midway_through_shifting_still_restores_exactly(fail_on_chunk):
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.randn(n, generator=gen).mul_(1e-3).requires_grad_() for n in (250, 100, 300)]
+    orig = [p.detach().clone() for p in params]
+    pert = Perturbation(params, seed=0, chunk=100)
+    real = pert._chunks
+    count = [0]
+
+    def flaky(i, step, k):
+        for item in real(i, step, k):
+            if count[0] == fail_on_chunk:
+                count[0] += 1
+                raise RuntimeError("interrupted")
+            count[0] += 1
+            yield item
+
+    pert._chunks = flaky
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with pert.shifted(0, 0, 0.7):
+            pass
+    assert all(torch.equal(a, b) for a, b in zip(orig, params))
