@@ -299,3 +299,22 @@ def test_an_interruption_midway_through_shifting_still_restores_exactly(fail_on_
         with pert.shifted(0, 0, 0.7):
             pass
     assert all(torch.equal(a, b) for a, b in zip(orig, params))
+
+
+def test_exact_restore_false_drifts_by_at_most_rounding_and_exact_does_not():
+    model, x, y = _problem()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-3)  # tiny weights: many inexact round trips
+    before = _params(model)
+    closure = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+    loose = gk.sources.SPSA(model, eps=1e-2, n_directions=4, seed=0, exact_restore=False)
+    loose.estimate(closure)
+    after = _params(model)
+    assert not _same(before, after)  # the drift is real ...
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)  # ... and only rounding
+    with torch.no_grad():
+        for p, b in zip(model.parameters(), before):
+            p.copy_(b)
+    gk.sources.SPSA(model, eps=1e-2, n_directions=4, seed=0).estimate(closure)
+    assert _same(before, _params(model))

@@ -16,11 +16,12 @@ Bit-exact restoration. In floating point ``(p + d) - d`` is not always ``p``: in
 more. Storing a copy of the parameters would double parameter memory, which is exactly what the fused
 zeroth-order mode must avoid. Instead, when a parameter is shifted, the round trip ``fl(fl(p + d) − d)`` is
 computed once (a temporary of one parameter's size) and the few elements where it differs from ``p`` are
-saved sparsely as (flat index, value). Undoing the shift computes the same ``fl(p' − d)`` and writes those
+saved sparsely as (chunk-local int32 index, value). Undoing the shift computes the same ``fl(p' − d)`` and writes those
 elements back. So restoration is exact by construction, for any values (NaN included). The saved data is
 the elements whose magnitude is below about ``|d|`` or that cross a binade — measured at 1–10 % of the
-elements of a freshly initialised MLP with ``ε = 1e-3``, i.e. 12 bytes each, about 0.5–5 % of the parameter
-memory, held for one shift at a time; every shift is undone before the next one, so errors never compound.
+elements of a freshly initialised MLP with ``ε = 1e-3``, at 8 bytes each, i.e. up to ~20 % of the parameter
+memory while the parameters are shifted; every shift is undone before the next one, so errors never
+compound. ``exact=False`` (the sources' ``exact_restore=False``) drops this bookkeeping, as MeZO does.
 """
 
 from __future__ import annotations
@@ -67,15 +68,17 @@ class Perturbation:
     """Seeded directions over a fixed list of parameters.
 
     ``distribution``: ``"gaussian"`` (``z ~ N(0, I)``) or ``"rademacher"`` (``±1`` with equal probability);
-    both have ``E[z zᵀ] = I``. Directions are generated in each parameter's dtype and on its device, in
-    flat chunks of ``chunk`` elements drawn one after another from the parameter's generator, so shifting or
-    updating a parameter needs temporaries of one chunk, not of the whole parameter (a 4096×4096 matrix
-    is shifted with ~3 MiB of scratch instead of ~150 MiB).
+    both have ``E[z zᵀ] = I``. ``exact=False`` skips the bookkeeping of bit-exact restoration (``p + d − d``
+    may then differ from ``p`` in the last bit of a few elements, as in MeZO). Directions are generated in
+    each parameter's dtype and on its device, in flat chunks of ``chunk`` elements drawn one after another
+    from the parameter's generator, so shifting or updating a parameter needs temporaries of one chunk, not
+    of the whole parameter (a 4096×4096 matrix is shifted with ~3 MiB of scratch instead of ~150 MiB).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], seed: int, distribution: str = "gaussian",
-                 chunk: int = 1 << 18):
+                 chunk: int = 1 << 18, exact: bool = True):
         self.params = list(params)
+        self.exact = bool(exact)
         self.seed = int(seed)
         self.distribution = check_choice("distribution", distribution, DISTRIBUTIONS)
         self.chunk = int(chunk)
@@ -135,12 +138,17 @@ class Perturbation:
         for a, b, z in self._chunks(i, step, k):
             d = z.mul_(alpha)
             seg = flat[a:b]
+            if not self.exact:
+                seg.add_(d)
+                undo.append((i, (a, b), None))
+                continue
             moved = torch.add(seg, d)
             lossy = torch.ne(torch.sub(moved, d, out=d), seg)  # d now holds fl(fl(p + d) - d)
             if bool(lossy.any()):
                 idx = lossy.nonzero().squeeze(1)
                 saved_val.append(seg[idx])
-                saved_idx.append(idx + a)
+                # Chunk-local int32 indices: 8 bytes per saved element instead of 12.
+                saved_idx.append(idx.to(torch.int32))
             seg.copy_(moved)
             # Recorded chunk by chunk: an interruption mid-parameter still restores what was shifted.
             undo.append((i, (a, b), (saved_idx.pop(), saved_val.pop()) if saved_idx else None))
@@ -158,10 +166,11 @@ class Perturbation:
         for a, b, z in self._chunks(i, step, k):
             if a not in done:
                 break
-            flat[a:b].sub_(z.mul_(alpha))
+            seg = flat[a:b]
+            seg.sub_(z.mul_(alpha))
             if done[a] is not None:
                 idx, vals = done[a]
-                flat[idx] = vals
+                seg[idx.long()] = vals
 
     @contextlib.contextmanager
     def shifted(self, step: int, k: int, alpha: float) -> Iterator[None]:

@@ -43,7 +43,7 @@ class ES(Source):
 
     def __init__(self, model_or_params: torch.nn.Module | Iterable[torch.Tensor], sigma: float = 0.01,
                  population: int = 16, *, antithetic: bool = True, rank_shaping: bool = True, seed: int = 0,
-                 comm: Comm | str | None = "auto"):
+                 exact_restore: bool = True, comm: Comm | str | None = "auto"):
         super().__init__(model_or_params)
         self.sigma = check_positive("sigma", sigma)
         self.population = check_int("population", population, 2 if antithetic else 1)
@@ -52,7 +52,7 @@ class ES(Source):
         self.antithetic = bool(antithetic)
         self.rank_shaping = bool(rank_shaping)
         self.seed = check_int("seed", seed, 0)
-        self.perturbation = Perturbation(self.params, self.seed, "gaussian")
+        self.perturbation = Perturbation(self.params, self.seed, "gaussian", exact=exact_restore)
         self.step_count = 0
         self.comm = resolve_comm(comm, self.seed)
 

@@ -30,8 +30,9 @@ class SPSA(Source):
     Each call evaluates the closure ``2·n_directions`` times under ``torch.no_grad`` (no graph, inference
     memory) and returns the mean of those losses, ``f(θ) + O(ε²)`` — there is no extra evaluation at θ.
     Parameters are shifted in place and restored bit-exactly after every evaluation, also when the closure
-    raises (see :mod:`gradkit.sources._perturb`). For the fused update with no gradient buffer at all, use
-    :class:`~gradkit.sources.ZOSGD`.
+    raises (see :mod:`gradkit.sources._perturb`); ``exact_restore=False`` trades that guarantee (last-bit
+    drift of a few elements per step, as in MeZO) for no bookkeeping memory. For the fused update with no
+    gradient buffer at all, use :class:`~gradkit.sources.ZOSGD`.
 
     Distributed: when ``torch.distributed`` is initialised (``comm="auto"``, or pass a
     :class:`gradkit.distributed.Comm`), the directions are split across ranks, each rank evaluates its share
@@ -44,12 +45,12 @@ class SPSA(Source):
 
     def __init__(self, model_or_params: torch.nn.Module | Iterable[torch.Tensor], eps: float = 1e-3,
                  n_directions: int = 1, *, seed: int = 0, distribution: str = "gaussian",
-                 comm: Comm | str | None = "auto"):
+                 exact_restore: bool = True, comm: Comm | str | None = "auto"):
         super().__init__(model_or_params)
         self.eps = check_positive("eps", eps)
         self.n_directions = check_int("n_directions", n_directions, 1)
         self.seed = check_int("seed", seed, 0)
-        self.perturbation = Perturbation(self.params, self.seed, distribution)
+        self.perturbation = Perturbation(self.params, self.seed, distribution, exact=exact_restore)
         self.distribution = distribution
         self.step_count = 0
         self.comm = resolve_comm(comm, self.seed)

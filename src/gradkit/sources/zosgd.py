@@ -39,14 +39,16 @@ class ZOSGD(Source, torch.optim.Optimizer):
     ``.grad`` is written, so gradient transforms have nothing to act on: use :class:`~gradkit.sources.SPSA`
     (the general mode) with any optimizer when transforms are needed. Learning-rate schedulers work as
     for any torch optimizer. A non-finite loss raises
-    :class:`~gradkit.NonFiniteError` before anything moves.
+    :class:`~gradkit.NonFiniteError` before anything moves. Shifts are undone bit-exactly (a sparse record
+    of the elements whose round trip ``p + d − d`` is inexact, see :mod:`gradkit.sources._perturb`);
+    ``exact_restore=False`` drops that record, as MeZO does, for the smallest memory.
     """
 
     paper = "Fine-Tuning Language Models with Just Forward Passes"
 
     def __init__(self, model_or_params: torch.nn.Module | Iterable[torch.Tensor], lr: float = 1e-3,
                  eps: float = 1e-3, n_directions: int = 1, *, weight_decay: float = 0.0, seed: int = 0,
-                 distribution: str = "gaussian", comm: Comm | str | None = "auto"):
+                 distribution: str = "gaussian", exact_restore: bool = True, comm: Comm | str | None = "auto"):
         Source.__init__(self, model_or_params)
         check_positive("lr", lr)
         check_nonneg("weight_decay", weight_decay)
@@ -54,7 +56,7 @@ class ZOSGD(Source, torch.optim.Optimizer):
         self.eps = check_positive("eps", eps)
         self.n_directions = check_int("n_directions", n_directions, 1)
         self.seed = check_int("seed", seed, 0)
-        self.perturbation = Perturbation(self.params, self.seed, distribution)
+        self.perturbation = Perturbation(self.params, self.seed, distribution, exact=exact_restore)
         self.distribution = distribution
         self.step_count = 0
         self._estimated = False
