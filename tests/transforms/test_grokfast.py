@@ -86,3 +86,22 @@ def test_bad_input(name, kw):
 def test_roundtrip():
     assert_transform_roundtrip(lambda: gk.transforms.Grokfast(alpha=0.9))
     assert_transform_roundtrip(lambda: gk.transforms.Grokfast(kind="ma", window=10, lamb=1.0), steps=25)
+
+
+def test_grokfast_then_adam_matches_grokfast_pytorch():
+    """grokfast-pytorch's GrokFastAdamW = Grokfast-EMA on the gradient, then Adam (eps as a clamp, not a sum)."""
+    ref_mod = pytest.importorskip("grokfast_pytorch")
+    ours, ref = make_params(), make_params()
+    opt = torch.optim.Adam(ours, lr=1e-3, betas=(0.9, 0.99), eps=1e-12)
+    gf = gk.transforms.Grokfast(alpha=0.9, lamb=2.0)
+    ref_opt = ref_mod.GrokFastAdamW(ref, lr=1e-3, betas=(0.9, 0.99), eps=1e-12, grokfast_alpha=0.9,
+                                    grokfast_lamb=2.0, normalize_lr=False)
+    for step in range(200):
+        set_grads(ours, step)
+        set_grads(ref, step)
+        gf(ours)
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert max(float((a - b).detach().abs().max()) for a, b in zip(ours, make_params())) > 0.05  # they moved
