@@ -302,7 +302,8 @@ def run_lora(args, out: Path) -> list[str]:
             ax.plot([c[0] for c in curve], [c[1] for c in curve], label=name)
         ax.axhline(res["before"], color="gray", ls=":", label="pretrained model, shifted input")
         ax.axhline(res["sft"], color="k", ls=":", label=f"after SFT of rank-{res['rank']} LoRA (start)")
-        ax.set_xlabel("forward-pass equivalents on the shifted training set")
+        ax.set_xscale("log")
+        ax.set_xlabel("forward-pass equivalents on the shifted training set (log)")
         ax.set_ylabel("shifted test accuracy")
         ax.set_title(f"ESSA-style adaptation to {args.lora_shift}ped digits" if args.lora_shift == "flip"
                      else "ESSA-style adaptation to permuted-pixel digits", fontsize=10)
@@ -332,7 +333,15 @@ def run(args: argparse.Namespace) -> int:
     bad = set(parts) - {"bbob", "overhead", "lora"}
     if bad:
         raise ValueError(f"--part: unknown {sorted(bad)}; choose from bbob, overhead, lora")
-    torch.set_num_threads(1)  # ask/tell on small tensors: threads only add overhead, and keep runs comparable
+    # ask/tell on small tensors: threads only add overhead. One thread for torch and for numpy's BLAS (pycma),
+    # so both sides are measured alike.
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:
+        pass
     out = out_dir(args.out)
     cmd = "gradkit bench search " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in (("part", args.part), ("dims", args.dims),

@@ -164,9 +164,10 @@ class CMAES(Searcher):
             wo[mu:] = w[mu:] * n / norms2
         delta_h = (1 - float(hsig)) * self.cc * (2 - self.cc)
         decay = 1 + self.c1 * delta_h - self.c1 - self.cmu * float(w.sum())
-        rank_mu = (y * wo[:, None]).T @ y
-        self.C = decay * self.C + self.c1 * torch.outer(self.pc, self.pc) + self.cmu * rank_mu
-        self.C = (self.C + self.C.T) / 2
+        # In place: at large d the d×d passes dominate a generation; C is symmetrised only before eigh.
+        self.C = self.C * decay  # a fresh tensor, so a state_dict taken earlier is never modified
+        self.C.addr_(self.pc, self.pc, alpha=self.c1)
+        self.C.addmm_(y.T * wo, y, alpha=self.cmu)
         self.sigma *= math.exp(min(1.0, (self.cs / self.ds) * (ps_norm / self.chi_n - 1)))
         self.run_generation = g
         if g - self.eigen_gen >= self.eigen_every:
@@ -182,6 +183,7 @@ class CMAES(Searcher):
             self._restart()
 
     def _eigen(self) -> None:
+        self.C = (self.C + self.C.T) / 2
         evals, evecs = torch.linalg.eigh(self.C)
         evals = evals.clamp_min(1e-300)
         self.D = evals.sqrt()
