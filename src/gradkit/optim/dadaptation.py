@@ -40,8 +40,9 @@ def _dsgd_inner(g, p, s, out, *, wd, decayed=False):
     put_sum(out, (g + p * wd) * s if decayed else g * s)
 
 
-def _dsgd_update(p, g, s, x0, s_sq, *, wd, dlr, c):
-    g = g + p * wd
+def _dsgd_update(p, g, s, x0, s_sq, *, wd, dlr, c, decayed=True):
+    if decayed:  # static: under "foreach" a zero decay term would still cost two passes
+        g = g + p * wd
     s.add_(g * dlr)
     put_sq_sum(s_sq, s)
     p.lerp_(x0 - s, c)
@@ -53,14 +54,17 @@ def _dadam_inner(g, p, s, v, out, *, l2, eps, decayed=False):
     put_sum(out, g * (s / (v.sqrt() + eps)))
 
 
-def _dadam_update(p, g, m, v, s, s_l1, *, l2, wd_step, beta1, m_scale, beta2, beta2c, sqrt_beta2, s_scale, eps):
-    g = g + p * l2
+def _dadam_update(p, g, m, v, s, s_l1, *, l2, wd_step, beta1, m_scale, beta2, beta2c, sqrt_beta2, s_scale, eps,
+                  coupled=True, decoupled=True):
+    if coupled:
+        g = g + p * l2
     m.mul_(beta1).add_(g * m_scale)
     v.mul_(beta2).add_(g.square() * beta2c)
     s.mul_(sqrt_beta2).add_(g * s_scale)
     put_abs_sum(s_l1, s)
-    # x − (λ_wd·dλ)·x rather than x·(1 − λ_wd·dλ): with d ~ 1e-6 the factor would round away in float32.
-    p.sub_(p * wd_step)
+    if decoupled:
+        # x − (λ_wd·dλ)·x rather than x·(1 − λ_wd·dλ): with d ~ 1e-6 the factor would round away in float32.
+        p.sub_(p * wd_step)
     p.sub_(m / (v.sqrt() + eps))
 
 
@@ -130,7 +134,7 @@ class DAdaptSGD(Optimizer):
                 DSGD_INNER.variant(decayed=wd != 0)(self.kernel, [grads, params, ss, out], dict(wd=wd))
                 inner += out
             sq = partials(params)
-            DSGD_UPDATE(self.kernel, [params, grads, ss, [st["x0"] for st in states], sq],
+            DSGD_UPDATE.variant(decayed=wd != 0)(self.kernel, [params, grads, ss, [st["x0"] for st in states], sq],
                         dict(wd=wd, dlr=dlr, c=1.0 - group["momentum"]))
             s_sq += sq
         inner_sum, s_sq_sum = totals(inner, s_sq)
@@ -193,10 +197,11 @@ class DAdaptAdam(Optimizer):
                                                      dict(l2=l2, eps=group["eps"]))
                 inner.append((r, out))
             l1 = partials(params)
-            DADAM_UPDATE(self.kernel, [params, grads, [st["exp_avg"] for st in states], vs, ss, l1],
-                         dict(l2=l2, wd_step=wd * dlr if decouple else 0.0, beta1=beta1,
-                              m_scale=r * dlr * (1 - beta1), beta2=beta2, beta2c=1 - beta2, sqrt_beta2=sqrt_beta2,
-                              s_scale=dlr * (1 - sqrt_beta2), eps=group["eps"]))
+            update = DADAM_UPDATE.variant(coupled=l2 != 0, decoupled=decouple and wd != 0)
+            update(self.kernel, [params, grads, [st["exp_avg"] for st in states], vs, ss, l1],
+                   dict(l2=l2, wd_step=wd * dlr if decouple else 0.0, beta1=beta1,
+                        m_scale=r * dlr * (1 - beta1), beta2=beta2, beta2c=1 - beta2, sqrt_beta2=sqrt_beta2,
+                        s_scale=dlr * (1 - sqrt_beta2), eps=group["eps"]))
             s_l1.append((r, l1))
         sums = totals(*(out for _, out in inner), *(out for _, out in s_l1))
         numerator_acc = dlr * sum(r * x for (r, _), x in zip(inner, sums[: len(inner)]))

@@ -30,14 +30,16 @@ from ._reduce import partials, per_tensor, put_sq_sum, totals
 __all__ = ["DoG", "LDoG", "PolynomialDecayAverager"]
 
 
-def _dog_stats(p, g, x0, dist_sq, grad_sq, *, wd):
+def _dog_stats(p, g, x0, dist_sq, grad_sq, *, wd, decayed=True):
     put_sq_sum(dist_sq, p - x0)
-    put_sq_sum(grad_sq, g + p * wd)
+    put_sq_sum(grad_sq, g + p * wd if decayed else g)
 
 
-def _dog_update(p, g, *eta, wd, step=0.0, per_tensor=False):
+def _dog_update(p, g, *eta, wd, step=0.0, per_tensor=False, decayed=True):
     # DoG moves every tensor by one global η (a scalar); L-DoG passes one 0-d η per tensor.
-    p.sub_((g + p * wd) * (eta[0] if per_tensor else step))
+    if decayed:
+        g = g + p * wd
+    p.sub_(g * (eta[0] if per_tensor else step))
 
 
 DOG_STATS = Elementwise(_dog_stats, "dog_stats")
@@ -79,8 +81,9 @@ class DoG(Optimizer):
                 # A tensor gets x_0 on its first gradient: it cannot have moved before, so this is its start.
                 st["x0"] = p.detach().clone(memory_format=torch.preserve_format)
         dist_sq, grad_sq = partials(params), partials(params)
-        DOG_STATS(self.kernel, [params, [p.grad for p in params], [s["x0"] for s in states], dist_sq, grad_sq],
-                  dict(wd=group["weight_decay"]))
+        stats = DOG_STATS.variant(decayed=group["weight_decay"] != 0)
+        stats(self.kernel, [params, [p.grad for p in params], [s["x0"] for s in states], dist_sq, grad_sq],
+              dict(wd=group["weight_decay"]))
         return states, dist_sq, grad_sq
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
@@ -100,7 +103,8 @@ class DoG(Optimizer):
         if first and group["init_eta"] is not None:
             eta = group["init_eta"]
         group["eta"] = eta
-        DOG_UPDATE(self.kernel, [params, [p.grad for p in params]], dict(wd=group["weight_decay"], step=eta))
+        DOG_UPDATE.variant(decayed=group["weight_decay"] != 0)(
+            self.kernel, [params, [p.grad for p in params]], dict(wd=group["weight_decay"], step=eta))
 
 
 class LDoG(DoG):
@@ -125,8 +129,8 @@ class LDoG(DoG):
                 eta = None
             st["eta"] = eta if eta is not None else group["lr"] * st["rbar"] / math.sqrt(st["G"])
             etas.append(torch.tensor(st["eta"], dtype=p.dtype, device=p.device))
-        DOG_UPDATE.variant(per_tensor=True)(self.kernel, [params, [p.grad for p in params], etas],
-                                            dict(wd=group["weight_decay"]))
+        update = DOG_UPDATE.variant(per_tensor=True, decayed=group["weight_decay"] != 0)
+        update(self.kernel, [params, [p.grad for p in params], etas], dict(wd=group["weight_decay"]))
 
 
 class PolynomialDecayAverager:

@@ -33,8 +33,9 @@ __all__ = ["Prodigy"]
 
 
 def _prodigy_stats(p, g, p0, v, s, inner, s_l1, *m, l2, beta1, m_scale, beta2, v_scale, beta3, s_scale,
-                   has_m=True):
-    g = g + p * l2
+                   has_m=True, coupled=True):
+    if coupled:  # static flags drop zero decay terms (each is a pass over memory under "foreach")
+        g = g + p * l2
     put_sum(inner, g * (p0 - p))
     if has_m:
         m[0].mul_(beta1).add_(g * m_scale)
@@ -43,10 +44,13 @@ def _prodigy_stats(p, g, p0, v, s, inner, s_l1, *m, l2, beta1, m_scale, beta2, v
     put_abs_sum(s_l1, s)
 
 
-def _prodigy_update(p, g, v, *m, wd_step, l2, step, d_eps, has_m=True):
+def _prodigy_update(p, g, v, *m, wd_step, l2, step, d_eps, has_m=True, coupled=True, decoupled=True):
     # Without β1 the step uses the gradient itself (with its coupled decay term), scaled by d·λ·d.
-    u = (m[0] if has_m else g + p * l2) / (v.sqrt() + d_eps)
-    p.sub_(p * wd_step)  # not p·(1 − λ_wd·dλ): with d ~ 1e-6 that factor rounds away in float32
+    if not has_m and coupled:
+        g = g + p * l2
+    u = (m[0] if has_m else g) / (v.sqrt() + d_eps)
+    if decoupled:
+        p.sub_(p * wd_step)  # not p·(1 − λ_wd·dλ): with d ~ 1e-6 that factor rounds away in float32
     p.sub_(u * step)
 
 
@@ -94,7 +98,7 @@ class Prodigy(Optimizer):
             dlr *= math.sqrt(1 - beta2 ** (k + 1)) / (1 - beta1 ** (k + 1))
         has_m = beta1 > 0
         keys = ("s", "exp_avg_sq", "exp_avg") if has_m else ("s", "exp_avg_sq")
-        stats = PRODIGY_STATS.variant(has_m=has_m)
+
         inner, s_l1, runs = [], [], []
         for group, params in active:
             states = [self.state[p] for p in params]
@@ -109,6 +113,7 @@ class Prodigy(Optimizer):
             d0 = group["d0"]
             l2 = 0.0 if decouple else group["weight_decay"]
             ip, l1 = partials(params), partials(params)
+            stats = PRODIGY_STATS.variant(has_m=has_m, coupled=l2 != 0)
             stats(self.kernel, [params, grads, [st["p0"] for st in states], [st["exp_avg_sq"] for st in states],
                                 [st["s"] for st in states], ip, l1, *ms],
                   dict(l2=l2, beta1=beta1, m_scale=d * (1 - beta1), beta2=beta2, v_scale=d * d * (1 - beta2),
@@ -127,9 +132,10 @@ class Prodigy(Optimizer):
             d = max(d, d_hat)
         d_max = max(d_max, d_hat)
         d = min(d_max, d * head["growth_rate"])
-        update = PRODIGY_UPDATE.variant(has_m=has_m)
         for group, params, grads, states, ms, _ in runs:
             wd = group["weight_decay"]
+            update = PRODIGY_UPDATE.variant(has_m=has_m, coupled=not decouple and wd != 0,
+                                            decoupled=decouple and wd != 0)
             update(self.kernel, [params, grads, [st["exp_avg_sq"] for st in states], *ms],
                    dict(wd_step=wd * dlr if decouple else 0.0, l2=0.0 if decouple else wd,
                         step=dlr if has_m else dlr * d, d_eps=d * group["eps"]))

@@ -28,16 +28,20 @@ from ._base import Optimizer, ParamsT
 __all__ = ["ScheduleFreeAdamW", "ScheduleFreeSGD"]
 
 
-def _sf_sgd(p, g, z, *, decay, ckp1, ylr, lr):
-    g = g + p * decay  # weight decay at y, before y moves
+# ``decayed`` (static) drops the weight-decay term when it is zero: under "foreach" each term is a pass over memory.
+def _sf_sgd(p, g, z, *, decay, ckp1, ylr, lr, decayed=True):
+    if decayed:
+        g = g + p * decay  # weight decay at y, before y moves
     p.lerp_(z, ckp1)
     p.add_(g * ylr)
     z.sub_(g * lr)
 
 
-def _sf_adamw(p, g, z, v, *, beta2c, bc2, eps, decay, ckp1, ylr, lr):
+def _sf_adamw(p, g, z, v, *, beta2c, bc2, eps, decay, ckp1, ylr, lr, decayed=True):
     v.lerp_(g.square(), beta2c)
-    g = g / ((v / bc2).sqrt() + eps) + p * decay
+    g = g / ((v / bc2).sqrt() + eps)
+    if decayed:
+        g = g + p * decay
     p.lerp_(z, ckp1)
     p.add_(g * ylr)
     z.sub_(g * lr)
@@ -161,8 +165,9 @@ class ScheduleFreeSGD(_ScheduleFree):
     def _run(self, group, params, lr, ckp1, k):
         beta = group["momentum"]
         zs = [self.state[p]["z"] for p in params]
-        SF_SGD(self.kernel, [params, [p.grad for p in params], zs],
-               dict(decay=group["weight_decay"], ckp1=ckp1, ylr=lr * (beta * (1.0 - ckp1) - 1.0), lr=lr))
+        rule = SF_SGD.variant(decayed=group["weight_decay"] != 0)
+        rule(self.kernel, [params, [p.grad for p in params], zs],
+             dict(decay=group["weight_decay"], ckp1=ckp1, ylr=lr * (beta * (1.0 - ckp1) - 1.0), lr=lr))
 
 
 class ScheduleFreeAdamW(_ScheduleFree):
@@ -192,7 +197,8 @@ class ScheduleFreeAdamW(_ScheduleFree):
     def _run(self, group, params, lr, ckp1, k):
         beta1, beta2 = group["betas"]
         st = [self.state[p] for p in params]
-        SF_ADAMW(self.kernel, [params, [p.grad for p in params], [s["z"] for s in st], [s["exp_avg_sq"] for s in st]],
-                 dict(beta2c=1.0 - beta2, bc2=1.0 - beta2 ** (k + 1), eps=group["eps"], decay=group["weight_decay"],
-                      ckp1=ckp1, ylr=lr * (beta1 * (1.0 - ckp1) - 1.0), lr=lr))
+        rule = SF_ADAMW.variant(decayed=group["weight_decay"] != 0)
+        rule(self.kernel, [params, [p.grad for p in params], [s["z"] for s in st], [s["exp_avg_sq"] for s in st]],
+             dict(beta2c=1.0 - beta2, bc2=1.0 - beta2 ** (k + 1), eps=group["eps"], decay=group["weight_decay"],
+                  ckp1=ckp1, ylr=lr * (beta1 * (1.0 - ckp1) - 1.0), lr=lr))
 
