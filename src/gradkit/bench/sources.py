@@ -1,0 +1,288 @@
+"""``gradkit bench sources``: gradient sources side by side — accuracy per forward pass, memory, step time.
+
+Three measurements, all through :class:`gradkit.Pipeline`:
+
+1. **Accuracy vs forward passes and vs wall time** on the digits MLP (64-64-10, batch 64): every source runs
+   until it has called the closure ``--budget`` times; test accuracy is recorded along the way. A "forward
+   pass" is one closure evaluation: a backprop step counts 1 (plus its backward), a forward-gradient
+   direction 1 (a forward-mode pass, costlier than a plain forward), SPSA ``2K``, ES ``population``,
+   likelihood ratio ``n_samples``.
+2. **Peak memory per step**, in a fresh subprocess per method (``--skip-memory`` to omit), from resident-set
+   statistics (not the torch allocator): after two warm-up steps (which page in library code), the peak
+   resident set size during one more step (``VmHWM`` from ``/proc/self/status``, reset through
+   ``/proc/self/clear_refs``) minus the resident size just before it is the step's transient memory
+   (activations, gradients, dual tensors, perturbation temporaries). The footprint is parameter bytes +
+   that transient peak; the ratio divides it by the footprint of one ``torch.no_grad`` forward (inference).
+   glibc's mmap threshold is pinned (``MALLOC_MMAP_THRESHOLD_=65536``) so a freed tensor leaves the resident
+   set at once. All methods use plain SGD (no optimizer
+   state), as MeZO compares against. Two models: one whose activations dominate memory (MLP of width 512,
+   batch 8192) and one whose parameters dominate (width 2048, batch 16).
+3. **Step time relative to one inference forward** on the activation-heavy model (median of repeated steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import gradkit as gk
+
+from ._common import machine, markdown_table, median_time, out_dir, progress, pyplot, write
+from ._tasks import train_digits
+
+HELP = "gradient sources: accuracy per forward pass and per second (digits), peak memory and step time vs inference"
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    calls: int  # closure evaluations per step
+    source: Callable[[torch.nn.Module], gk.sources.Source]
+    optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None  # None: the source is its optimizer
+
+
+def _adamw(lr: float):
+    return lambda m: gk.optim.AdamW(m.parameters(), lr=lr, kernel="foreach")
+
+
+METHODS: list[Method] = [
+    Method("Backprop + AdamW", 1, lambda m: gk.sources.Backprop(m), _adamw(3e-3)),
+    Method("ForwardGradient (K=1) + AdamW", 1, lambda m: gk.sources.ForwardGradient(m, 1, seed=0), _adamw(3e-3)),
+    Method("SPSA (K=1) + AdamW", 2, lambda m: gk.sources.SPSA(m, 1e-3, 1, seed=0), _adamw(3e-3)),
+    Method("SPSA (K=8) + AdamW", 16, lambda m: gk.sources.SPSA(m, 1e-3, 8, seed=0), _adamw(3e-3)),
+    Method("ZOSGD fused (K=1, lr 3e-3)", 2, lambda m: gk.sources.ZOSGD(m, lr=3e-3, eps=1e-3, seed=0), None),
+    Method("ES (pop 16, ranks) + AdamW", 16, lambda m: gk.sources.ES(m, 0.02, 16, seed=0), _adamw(3e-3)),
+    Method("LikelihoodRatio (n=8) + AdamW", 8, lambda m: gk.sources.LikelihoodRatio(m, 0.1, 8, seed=0),
+           _adamw(1e-3)),
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", type=int, default=16000, help="closure evaluations per source on digits")
+    p.add_argument("--quick", action="store_true", help="budget 2000, small memory models, few timing repeats")
+    p.add_argument("--only", default=None, help="comma-separated substrings of method labels")
+    p.add_argument("--skip-memory", action="store_true", help="omit the memory subprocesses")
+    p.add_argument("--skip-time", action="store_true", help="omit the step-time measurement")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per method (median reported)")
+
+
+# -- 1. accuracy ---------------------------------------------------------------------------------------
+def _train(method: Method, budget: int, bar) -> dict:
+    steps = max(1, budget // method.calls)
+    holder: dict[str, object] = {}
+
+    def make_opt(model):
+        if method.optimizer is None:
+            holder["src"] = method.source(model)
+            return holder["src"]
+        return method.optimizer(model)
+
+    def make_src(model):
+        return holder["src"] if method.optimizer is None else method.source(model)
+
+    r = train_digits(make_opt, steps, source=make_src, eval_every=max(1, steps // 20),
+                     on_step=lambda s: bar.advance(method.calls))
+    calls = [s * method.calls for s in r.eval.steps]
+    return {"label": method.label, "calls": calls, "seconds": r.eval.seconds, "acc": r.eval.values,
+            "per_call": method.calls, "total_seconds": r.seconds}
+
+
+def _acc_at(res: dict, budget: int) -> float:
+    best = float("nan")
+    for c, a in zip(res["calls"], res["acc"]):
+        if c <= budget:
+            best = a
+    return best
+
+
+# -- 2. memory (one subprocess per method) -----------------------------------------------------------
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _memory_model(kind: str):
+    width, depth, batch = (512, 4, 8192) if kind.split("-")[0] == "activations" else (2048, 4, 16)
+    if kind.endswith("-quick"):
+        width, batch = width // 2, batch // 2
+    sizes = (64,) + (width,) * depth + (10,)
+    return sizes, batch
+
+
+def memory_child(method: str, kind: str) -> dict:
+    """Run in a fresh process: peak resident memory of one step of ``method`` above the pre-model baseline."""
+    from ..models import mlp
+
+    torch.set_num_threads(1)
+    sizes, batch = _memory_model(kind)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, sizes[0], generator=gen), torch.randint(0, sizes[-1], (batch,), generator=gen)
+    model = mlp(sizes, seed=0)
+
+    def closure():
+        return F.cross_entropy(model(x), y)
+
+    if method == "inference":
+        def step():
+            with torch.no_grad():
+                closure()
+    elif method.startswith("zosgd"):
+        zo = gk.sources.ZOSGD(model, lr=1e-4, seed=0, exact_restore=method == "zosgd")
+        pipe = gk.Pipeline(zo, optimizer=zo)
+
+        def step():
+            pipe.step(closure)
+    else:
+        src = {"backprop": lambda: gk.sources.Backprop(model),
+               "spsa": lambda: gk.sources.SPSA(model, 1e-3, 1, seed=0),
+               "forward_gradient": lambda: gk.sources.ForwardGradient(model, 1, seed=0)}[method]()
+        pipe = gk.Pipeline(src, optimizer=torch.optim.SGD(model.parameters(), lr=1e-4))
+
+        def step():
+            pipe.step(closure)
+    # Warm-up: the first steps also page in library code and allocate lasting runtime state, which is not
+    # the method's memory. Afterwards the resting set holds the parameters (grads are None between steps).
+    step()
+    step()
+    rest = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    transient = _status("VmHWM") - rest
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"method": method, "kind": kind, "transient": transient, "param_bytes": params,
+            "footprint": params + transient}
+
+
+MEMORY_LABELS = {
+    "inference": "inference (one no_grad forward)",
+    "backprop": "Backprop + SGD",
+    "spsa": "SPSA general mode (K=1) + SGD",
+    "zosgd": "ZOSGD fused (K=1)",
+    "zosgd_inexact": "ZOSGD fused, exact_restore=False",
+    "forward_gradient": "ForwardGradient (K=1) + SGD",
+}
+
+
+def _memory(kind: str) -> dict[str, dict]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
+    out = {}
+    for method in ("inference", "backprop", "spsa", "zosgd", "zosgd_inexact", "forward_gradient"):
+        code = ("import json; from gradkit.bench.sources import memory_child; "
+                f"print(json.dumps(memory_child({method!r}, {kind!r})))")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"memory subprocess for {method} failed:\n{res.stderr}")
+        out[method] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+# -- 3. step time ------------------------------------------------------------------------------------
+def _step_times(quick: bool, repeats: int) -> list[tuple[str, int, float, float]]:
+    from ..models import mlp
+
+    sizes, batch = _memory_model("activations-quick" if quick else "activations")
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, sizes[0], generator=gen), torch.randint(0, sizes[-1], (batch,), generator=gen)
+    model = mlp(sizes, seed=0)
+
+    def closure():
+        return F.cross_entropy(model(x), y)
+
+    def forward():
+        with torch.no_grad():
+            closure()
+
+    sgd = lambda: torch.optim.SGD(model.parameters(), lr=1e-5)  # noqa: E731
+    zo = gk.sources.ZOSGD(model, lr=1e-5, seed=0)
+    pipes = {
+        "Backprop": (1, gk.Pipeline(gk.sources.Backprop(model), optimizer=sgd())),
+        "ForwardGradient (K=1)": (1, gk.Pipeline(gk.sources.ForwardGradient(model, 1, seed=0), optimizer=sgd())),
+        "SPSA (K=1), general mode": (2, gk.Pipeline(gk.sources.SPSA(model, 1e-3, 1, seed=0), optimizer=sgd())),
+        "ZOSGD fused (K=1)": (2, gk.Pipeline(zo, optimizer=zo)),
+        "ES (population 8)": (8, gk.Pipeline(gk.sources.ES(model, 0.01, 8, seed=0), optimizer=sgd())),
+        "LikelihoodRatio (n=2)": (2, gk.Pipeline(gk.sources.LikelihoodRatio(model, 0.01, 2, seed=0),
+                                                 optimizer=sgd())),
+    }
+    t_fwd = median_time(forward, warmup=2, repeats=repeats)
+    rows = []
+    for label, (calls, pipe) in pipes.items():
+        t = median_time(lambda pipe=pipe: pipe.step(closure), warmup=2, repeats=repeats)
+        rows.append((label, calls, t * 1e3, t / t_fwd))
+    rows.insert(0, ("one forward (no_grad)", 1, t_fwd * 1e3, 1.0))
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    budget = 2000 if args.quick else args.budget
+    methods = [m for m in METHODS if not args.only or any(s.strip() in m.label for s in args.only.split(","))]
+    out = out_dir(args.out)
+    cmd = f"gradkit bench sources{' --quick' if args.quick else f' --budget {budget}'}"
+    report = [f"Machine: {machine()}.", f"Command: `{cmd}`", ""]
+
+    results = []
+    with progress(budget * len(methods), "digits") as bar:
+        for m in methods:
+            bar.advance(0, description=m.label)
+            results.append(_train(m, budget, bar))
+    marks = [budget // 16, budget // 4, budget]
+    header = ["source", "evals/step"] + [f"acc @ {b} evals" for b in marks] + ["wall time (s)"]
+    rows = [(r["label"], r["per_call"], *[_acc_at(r, b) for b in marks], r["total_seconds"]) for r in results]
+    table = markdown_table(header, rows)
+    report += ["### Test accuracy on digits vs closure evaluations (forward passes)", "", table, ""]
+    (out / "accuracy.json").write_text(json.dumps(results))
+
+    plt = pyplot()
+    if plt is not None:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for r in results:
+            axes[0].plot(r["calls"], r["acc"], label=r["label"])
+            axes[1].plot(r["seconds"], r["acc"], label=r["label"])
+        axes[0].set_xlabel("closure evaluations (forward passes)")
+        axes[1].set_xlabel("training wall time (s)")
+        for ax in axes:
+            ax.set_ylabel("test accuracy")
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7)
+        fig.suptitle("gradkit bench sources: digits MLP, one Pipeline per gradient source")
+        fig.tight_layout()
+        fig.savefig(out / "sources_accuracy.png", dpi=110)
+        report += ["![accuracy vs evaluations and time](sources_accuracy.png)", ""]
+
+    if not args.skip_memory:
+        for kind in ("activations", "parameters"):
+            k = kind + ("-quick" if args.quick else "")
+            mem = _memory(k)
+            inf = mem["inference"]["footprint"]
+            sizes, batch = _memory_model(k)
+            mrows = [(MEMORY_LABELS[name], round(v["transient"] / 2**20, 1), round(v["footprint"] / 2**20, 1),
+                      v["footprint"] / inf) for name, v in mem.items()]
+            report += [f"### Peak memory of one step, {kind} dominate (MLP {'-'.join(map(str, sizes))}, batch "
+                       f"{batch}: parameters {mem['inference']['param_bytes'] / 2**20:.1f} MiB, one layer's "
+                       f"activations {batch * sizes[1] * 4 / 2**20:.1f} MiB)", "",
+                       markdown_table(["method", "step peak above resting RSS (MiB)",
+                                       "parameters + step peak (MiB)", "ratio to inference"], mrows),
+                       ""]
+            (out / f"memory_{kind}.json").write_text(json.dumps(mem))
+
+    if not args.skip_time:
+        trows = _step_times(args.quick, 3 if args.quick else args.repeats)
+        report += ["### Step time relative to one inference forward (activation-heavy MLP, SGD)", "",
+                   markdown_table(["step", "closure evals", "ms (median)", "ratio to one forward"], trows), ""]
+
+    text = "\n".join(report)
+    print(text)
+    write(out / "sources.md", text)
+    return 0
