@@ -73,9 +73,9 @@ def run(out: Path, quick: bool) -> str:
 def _run_all(out: Path, quick: bool) -> str:
     tasks = {
         # task: (horizon, seeds, lr grid, higher is better, unit)
-        "digits": (300 if quick else 1200, [0] if quick else [0, 1, 2], [3e-3] if quick else [1e-3, 3e-3, 1e-2],
+        "digits": (300 if quick else 1200, [0] if quick else [0, 1, 2], [3e-3] if quick else [1e-3, 3e-3, 1e-2, 3e-2],
                    True, "test accuracy %"),
-        "char LM": (80 if quick else 600, [0], [3e-3] if quick else [3e-3, 1e-2], False,
+        "char LM": (80 if quick else 600, [0], [3e-3] if quick else [3e-3, 1e-2, 2e-2], False,
                     "validation loss (nats/char)"),
     }
     data = digits(seed=0)
