@@ -33,6 +33,7 @@ def evals_ours(f, d, x0, sigma0, seed, budget=30_000):
 
 
 def evals_pycma(f, d, x0, sigma0, seed, budget=30_000):
+    # pycma reads seed 0 as "draw a random seed": shift by one
     es = cma.CMAEvolutionStrategy([x0] * d, sigma0, {"seed": seed + 1, "verbose": -9, "maxfevals": budget})
     while not es.stop():
         x = es.ask()

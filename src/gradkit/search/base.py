@@ -113,7 +113,11 @@ class Searcher:
         return x
 
     def tell(self, candidates: torch.Tensor, fitness: TensorLike) -> None:
-        """Update from ``candidates`` ``[popsize, d]`` (as returned by ``ask``) and their ``fitness`` ``[popsize]``."""
+        """Update from ``candidates`` ``[popsize, d]`` (as returned by ``ask``) and their ``fitness`` ``[popsize]``.
+
+        The update is computed from the candidates passed here, so any rows may be told (e.g. repaired or
+        injected points); rows far outside the sampling distribution take a correspondingly large step.
+        """
         x, f = self._check_tell(candidates, fitness)
         bad = ~torch.isfinite(f)
         if bad.any():
