@@ -166,6 +166,25 @@ def test_stops_when_everything_is_frozen():
     assert pipe.should_stop and pipe.steps == 4 and g.frozen_fraction == 1.0
 
 
+def test_zeroth_order_source_with_observe_transform():
+    model = TwoLayer()
+    x, y = data()
+    g = gk.control.GradES(model, tau=1e9, patience=2, observe="transform")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    pipe = gk.Pipeline(gk.sources.SPSA(model, seed=0), [g], opt, [g])
+    for _ in range(5):
+        pipe.step(lambda: F.mse_loss(model(x), y))
+        if pipe.should_stop:
+            break
+    assert pipe.steps == 2 and g.frozen_fraction == 1.0
+    # Without observe="transform" the hooks never fire under a zeroth-order source: a clear error, not silence.
+    m2 = TwoLayer()
+    g2 = gk.control.GradES(m2, tau=1.0)
+    pipe2 = gk.Pipeline(gk.sources.SPSA(m2, seed=0), [], torch.optim.SGD(m2.parameters(), lr=0.01), [g2])
+    with pytest.raises(RuntimeError, match="observe='transform'"):
+        pipe2.step(lambda: F.mse_loss(m2(x), y))
+
+
 def test_missing_gradients_are_reported():
     model = TwoLayer()
     g = gk.control.GradES(model, tau=1.0)
