@@ -5,14 +5,14 @@ tied embedding, ~0.1 M parameters) trained on the text of Python's own documenta
 shipped with CPython, so no download) through ``gk.Pipeline``; see :func:`gradkit.bench._tasks.train_char_lm`.
 Everything is seeded: the same command gives the same losses on the same machine and thread count.
 
-For each optimizer a short learning-rate sweep (``LR_GRID``, 2 rates by default) is run for ``--steps`` steps
-each; the rate with the lowest final validation loss is reported. Reported per optimizer: the best rate,
-validation loss (nats per character, 8 fixed batches of 32×64 characters) at five step counts, the mean
+For each optimizer a short learning-rate sweep (``LR_GRID``, 3 rates; ``--lrs N`` keeps the first N) is run
+for ``--steps`` steps each; the rate with the lowest final validation loss is reported. Reported per optimizer:
+the best rate, validation loss (nats per character, 8 fixed batches of 32×64 characters) at five step counts, the mean
 milliseconds per training step (source + transforms + optimizer, evaluation excluded), and the bytes of
 tensors in the optimizer's state after training. Plots: validation loss vs steps and vs wall time.
 
 Optimizers are discovered from ``gk.optim.__all__``, so ones added later are included with a default grid
-(their default lr ×⅓ and ×1, or just their default when it is ≥ 0.5, as for parameter-free methods).
+(their default lr ×⅓, ×1 and ×3, or just their default when it is ≥ 0.5, as for parameter-free methods).
 Optimizers whose class sets ``needs_graph`` (AdaHessian) get ``Backprop(create_graph=True)`` and PyTorch's
 math attention kernel, because the fused CPU attention kernel has no double backward.
 """
@@ -38,16 +38,16 @@ HELP = "character-level transformer LM on pydoc text: validation loss vs steps a
 
 # Learning rates tried per optimizer (the best final validation loss is reported).
 LR_GRID: dict[str, tuple[float, ...]] = {
-    "AdamW": (1e-3, 3e-3),
-    "Adam": (1e-3, 3e-3),
-    "AdEMAMix": (1e-3, 3e-3),
-    "DiffGrad": (1e-3, 3e-3),
-    "Lion": (3e-4, 1e-3),
-    "MARS": (3e-3, 1e-2),
-    "Muon": (0.02, 0.05),
-    "Gravity": (3e-3, 1e-2),
-    "FRUGAL": (1e-3, 3e-3),
-    "AdaHessian": (0.05, 0.15),
+    "AdamW": (1e-3, 3e-3, 1e-2),
+    "Adam": (1e-3, 3e-3, 1e-2),
+    "AdEMAMix": (1e-3, 3e-3, 1e-2),
+    "DiffGrad": (1e-3, 3e-3, 1e-2),
+    "Lion": (3e-4, 1e-3, 3e-3),
+    "MARS": (3e-3, 1e-2, 1e-3),
+    "Muon": (0.02, 0.05, 0.01),
+    "Gravity": (3e-3, 1e-2, 3e-2),
+    "FRUGAL": (1e-3, 3e-3, 1e-2),
+    "AdaHessian": (0.05, 0.15, 0.3),
 }
 
 # Fixed extra arguments. Muon: embeddings (also the tied output head) and vectors go to its AdamW part,
@@ -75,7 +75,7 @@ def lr_grid(name: str) -> tuple[float | None, ...]:
     if param is None or not isinstance(param.default, (int, float)):
         return (None,)
     d = float(param.default)
-    return (d,) if d >= 0.5 else (d / 3, d)
+    return (d,) if d >= 0.5 else (d / 3, d, 3 * d)
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
