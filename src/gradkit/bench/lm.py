@@ -180,11 +180,14 @@ def _plot(best: dict[str, dict[str, Any]], out) -> None:
     plt = pyplot()
     if plt is None or not best:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for name, b in sorted(best.items(), key=lambda kv: kv[1]["final"]):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    cmap = plt.get_cmap("tab20")
+    for i, (name, b) in enumerate(sorted(best.items(), key=lambda kv: kv[1]["final"])):
         label = name if b["lr"] is None else f"{name} (lr {b['lr']:g})"
-        axes[0].plot(b["steps"], b["val"], marker="o", ms=3, label=label)
-        axes[1].plot(b["seconds"], b["val"], marker="o", ms=3, label=label)
+        # 20 colours and 3 line styles keep up to 60 curves distinguishable.
+        style = dict(color=cmap(i % 20), linestyle=("-", "--", ":")[i // 20 % 3], marker="o", ms=3, label=label)
+        axes[0].plot(b["steps"], b["val"], **style)
+        axes[1].plot(b["seconds"], b["val"], **style)
     axes[0].set_xlabel("training step")
     axes[1].set_xlabel("training wall time (s, evaluation excluded)")
     axes[0].set_ylabel("validation loss (nats/char)")
