@@ -34,6 +34,7 @@ LR_FREE = {
     "Prodigy": lambda ps: gk.optim.Prodigy(ps, kernel="foreach"),
 }
 AVERAGED = ("DoG", "LDoG")
+STEPS = {"quick": 300, "full": 1500}
 
 
 def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -79,7 +80,7 @@ def run(out: Path, quick: bool) -> str:
 
 
 def _run_all(out: Path, quick: bool) -> str:
-    steps = 300 if quick else 1500
+    steps = STEPS["quick" if quick else "full"]
     seeds = [0] if quick else [0, 1, 2]
     data = digits(seed=0)
     jobs = [(f"SGD lr={lr:.3g}", lambda ps, lr=lr: torch.optim.SGD(ps, lr=lr), False) for lr in SGD_RATES]

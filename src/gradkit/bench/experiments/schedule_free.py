@@ -26,6 +26,7 @@ CLAIM = ('"The Road Less Scheduled": Schedule-Free AdamW, with no schedule and n
          "with a cosine schedule tuned for the horizon at the end and is better at any earlier time.")
 
 FRACTIONS = (0.25, 0.5, 1.0)
+HORIZON = {"digits": {"quick": 300, "full": 1200}, "char LM": {"quick": 80, "full": 600}}
 
 
 def _cosine(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -71,11 +72,12 @@ def run(out: Path, quick: bool) -> str:
 
 
 def _run_all(out: Path, quick: bool) -> str:
+    size = "quick" if quick else "full"
     tasks = {
         # task: (horizon, seeds, lr grid, higher is better, unit)
-        "digits": (300 if quick else 1200, [0] if quick else [0, 1, 2], [3e-3] if quick else [1e-3, 3e-3, 1e-2, 3e-2],
-                   True, "test accuracy %"),
-        "char LM": (80 if quick else 600, [0], [3e-3] if quick else [3e-3, 1e-2, 2e-2], False,
+        "digits": (HORIZON["digits"][size], [0] if quick else [0, 1, 2],
+                   [3e-3] if quick else [1e-3, 3e-3, 1e-2, 3e-2], True, "test accuracy %"),
+        "char LM": (HORIZON["char LM"][size], [0], [3e-3] if quick else [3e-3, 1e-2, 2e-2], False,
                     "validation loss (nats/char)"),
     }
     data = digits(seed=0)
