@@ -185,7 +185,7 @@ def run_bbob(args, out: Path) -> list[str]:
                 bar.advance(1, f"bbob {problem.id} {s}")
     # ECDF table: fraction of (function, instance, target) triples solved within budget fractions.
     fracs = [0.01, 0.1, 1.0]
-    header = ["solver", "d", *[f"solved @ {f:g}·budget" for f in fracs], "f−f_opt ≤ 1e-8 (problems)", "CPU s"]
+    header = ["solver", "d", *[f"solved @ {f:g}·budget" for f in fracs], "f−f_opt ≤ 1e-8 (problems)", "wall s"]
     rows = []
     for d in dims:
         budget = args.budget * d
