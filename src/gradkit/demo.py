@@ -47,13 +47,13 @@ RUNS: list[DemoRun] = [
     DemoRun("backprop + AdEMAMix", _backprop, lambda ps, k: gk.optim.AdEMAMix(ps, lr=3e-3, t_alpha_beta3=600,
                                                                                 kernel=k), 600, 150),
     DemoRun("backprop + DiffGrad", _backprop, lambda ps, k: gk.optim.DiffGrad(ps, lr=3e-3, kernel=k), 600, 150),
-    # No backprop: the same Pipeline and optimizer fed by estimated gradients. They need more steps (and
-    # more forward passes per step for ES) to get close; the budgets keep the whole demo under 2 minutes.
-    DemoRun("forward gradient (K=1) + AdamW", lambda m: gk.sources.ForwardGradient(m, 1, seed=0),
+    # No backprop: the same Pipeline and optimizer (AdamW, lr 3e-3) fed by estimated gradients. They need more
+    # steps (and ES 16 forward passes per step) to get close; the budgets keep the whole demo under 2 minutes.
+    DemoRun("no backprop: forward gradient (K=1)", lambda m: gk.sources.ForwardGradient(m, 1, seed=0),
             lambda ps, k: gk.optim.AdamW(ps, lr=3e-3, kernel=k), 2000, 400),
-    DemoRun("zeroth order SPSA (K=1) + AdamW", lambda m: gk.sources.SPSA(m, eps=1e-3, n_directions=1, seed=0),
+    DemoRun("no backprop: zeroth-order SPSA (K=1)", lambda m: gk.sources.SPSA(m, eps=1e-3, n_directions=1, seed=0),
             lambda ps, k: gk.optim.AdamW(ps, lr=3e-3, kernel=k), 2000, 400),
-    DemoRun("ES (population 16) + AdamW", lambda m: gk.sources.ES(m, sigma=0.02, population=16, seed=0),
+    DemoRun("no backprop: ES (population 16)", lambda m: gk.sources.ES(m, sigma=0.02, population=16, seed=0),
             lambda ps, k: gk.optim.AdamW(ps, lr=3e-3, kernel=k), 500, 100),
 ]
 
