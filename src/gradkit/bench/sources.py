@@ -2,9 +2,9 @@
 
 Three measurements, all through :class:`gradkit.Pipeline`:
 
-1. **Accuracy vs forward passes and vs wall time** on the digits MLP (64-64-10, batch 64): every source runs
-   until it has called the closure ``--budget`` times; test accuracy is recorded along the way. A "forward
-   pass" is one closure evaluation: a backprop step counts 1 (plus its backward), a forward-gradient
+1. **Accuracy vs forward passes and vs wall time** on the digits MLP (64-64-10, batch 64, one thread): every
+   source runs until it has called the closure ``--budget`` times; test accuracy is recorded along the way.
+   A "forward pass" is one closure evaluation: a backprop step counts 1 (plus its backward), a forward-gradient
    direction 1 (a forward-mode pass, costlier than a plain forward), SPSA ``2K``, ES ``population``,
    likelihood ratio ``n_samples``.
 2. **Peak memory per step**, in a fresh subprocess per method (``--skip-memory`` to omit), from resident-set
@@ -232,10 +232,17 @@ def run(args: argparse.Namespace) -> int:
     report = [f"Machine: {machine()}.", f"Command: `{cmd}`", ""]
 
     results = []
-    with progress(budget * len(methods), "digits") as bar:
-        for m in methods:
-            bar.advance(0, description=m.label)
-            results.append(_train(m, budget, bar))
+    # One intra-op thread for the tiny digits MLP: more threads only add synchronisation (and, on a busy
+    # machine, spinning) to microsecond-sized kernels.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with progress(budget * len(methods), "digits") as bar:
+            for m in methods:
+                bar.advance(0, description=m.label)
+                results.append(_train(m, budget, bar))
+    finally:
+        torch.set_num_threads(threads)
     marks = [budget // 16, budget // 4, budget]
     header = ["source", "evals/step"] + [f"acc @ {b} evals" for b in marks] + ["wall time (s)"]
     rows = [(r["label"], r["per_call"], *[_acc_at(r, b) for b in marks], r["total_seconds"]) for r in results]
