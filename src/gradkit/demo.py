@@ -50,11 +50,11 @@ RUNS: list[DemoRun] = [
     # No backprop: the same Pipeline and optimizer (AdamW, lr 3e-3) fed by estimated gradients. They need more
     # steps (and ES 16 forward passes per step) to get close; the budgets keep the whole demo under 2 minutes.
     DemoRun("no backprop: forward gradient (K=1)", lambda m: gk.sources.ForwardGradient(m, 1, seed=0),
-            lambda ps, k: gk.optim.AdamW(ps, lr=3e-3, kernel=k), 2000, 400),
+            lambda ps, k: gk.optim.AdamW(ps, lr=3e-3, kernel=k), 8000, 1500),
     DemoRun("no backprop: zeroth-order SPSA (K=1)", lambda m: gk.sources.SPSA(m, eps=1e-3, n_directions=1, seed=0),
-            lambda ps, k: gk.optim.AdamW(ps, lr=3e-3, kernel=k), 2000, 400),
+            lambda ps, k: gk.optim.AdamW(ps, lr=3e-3, kernel=k), 8000, 1500),
     DemoRun("no backprop: ES (population 16)", lambda m: gk.sources.ES(m, sigma=0.02, population=16, seed=0),
-            lambda ps, k: gk.optim.AdamW(ps, lr=3e-3, kernel=k), 500, 100),
+            lambda ps, k: gk.optim.AdamW(ps, lr=3e-3, kernel=k), 1000, 250),
 ]
 
 
