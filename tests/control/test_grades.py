@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradkit as gk
-from gradkit.optim import ElementwiseOptimizer, Optimizer
 
 
 class TwoLayer(nn.Module):
@@ -84,12 +83,7 @@ def test_frozen_matrix_is_never_modified_again_plain_loop():
 
 
 def _optimizers():
-    out = []
-    for name in gk.optim.__all__:
-        cls = getattr(gk.optim, name)
-        if isinstance(cls, type) and issubclass(cls, Optimizer) and cls not in (Optimizer, ElementwiseOptimizer):
-            out.append(cls)
-    return out
+    return list(gk.optim.available().values())
 
 
 @pytest.mark.parametrize("cls", _optimizers(), ids=lambda c: c.__name__)

@@ -7,17 +7,11 @@ import pytest
 import torch
 
 import gradkit as gk
-from gradkit.optim import ElementwiseOptimizer, Optimizer
 from tests.helpers import make_params, run_sequence
 
 
 def all_optimizers():
-    out = []
-    for name in gk.optim.__all__:
-        cls = getattr(gk.optim, name)
-        if isinstance(cls, type) and issubclass(cls, Optimizer) and cls not in (Optimizer, ElementwiseOptimizer):
-            out.append(cls)
-    return out
+    return list(gk.optim.available().values())
 
 
 OPTIMIZERS = all_optimizers()

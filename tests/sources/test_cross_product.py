@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 import gradkit as gk
 from gradkit.models import mlp
-from gradkit.optim import ElementwiseOptimizer, Optimizer
 from gradkit.transforms import Transform
 
 SOURCES = {
@@ -30,7 +29,7 @@ def _discover(module, base, exclude=()):
             and getattr(module, n) not in exclude]
 
 
-OPTIMIZERS = _discover(gk.optim, torch.optim.Optimizer, (Optimizer, ElementwiseOptimizer))
+OPTIMIZERS = list(gk.optim.available().values())
 TRANSFORMS = [None, *_discover(gk.transforms, Transform, (Transform,))]
 OTHER_SOURCES = [n for n in gk.sources.__all__ if isinstance(getattr(gk.sources, n), type)
                  and issubclass(getattr(gk.sources, n), gk.sources.Source) and n not in SOURCES

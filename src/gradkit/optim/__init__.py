@@ -16,6 +16,7 @@ from .prodigy import Prodigy
 from .schedulefree import ScheduleFreeAdamW, ScheduleFreeSGD
 
 __all__ = [
+    "available",
     "AdaHessian",
     "AdEMAMix",
     "Adam",
@@ -37,3 +38,13 @@ __all__ = [
     "ScheduleFreeAdamW",
     "ScheduleFreeSGD",
 ]
+
+
+def available() -> dict[str, type[Optimizer]]:
+    """Every concrete gradkit optimizer class, by name (what the tests, benchmarks and DDP checks iterate)."""
+    out = {}
+    for name in __all__:
+        obj = globals().get(name)
+        if isinstance(obj, type) and issubclass(obj, Optimizer) and obj not in (Optimizer, ElementwiseOptimizer):
+            out[name] = obj
+    return out

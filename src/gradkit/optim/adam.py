@@ -61,7 +61,8 @@ class AdamW(ElementwiseOptimizer):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
     def _rule(self, group):
-        return ADAM.variant(amsgrad=bool(group["amsgrad"]), coupled=self._coupled)
+        # A zero decay is a static no-op: the variant without it skips a pass in the foreach/loop kernels.
+        return ADAM.variant(amsgrad=bool(group["amsgrad"]), coupled=self._coupled and group["weight_decay"] != 0)
 
     def _scalars(self, group, step):
         beta1, beta2 = group["betas"]

@@ -66,7 +66,7 @@ class AdEMAMix(ElementwiseOptimizer):
         return ("exp_avg", "exp_avg_sq", "exp_avg_slow")
 
     def _rule(self, group):
-        return ADEMAMIX.variant(coupled=not group["weight_decouple"])
+        return ADEMAMIX.variant(coupled=not group["weight_decouple"] and group["weight_decay"] != 0)
 
     @staticmethod
     def schedules(step: int, alpha: float, beta1: float, beta3: float, t_alpha_beta3: float | None

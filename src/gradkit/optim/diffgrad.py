@@ -64,7 +64,8 @@ class DiffGrad(ElementwiseOptimizer):
         return keys + ("max_exp_avg_sq",) if group["ams_bound"] else keys
 
     def _rule(self, group):
-        return DIFFGRAD.variant(coupled=not group["weight_decouple"], ams_bound=bool(group["ams_bound"]))
+        return DIFFGRAD.variant(coupled=not group["weight_decouple"] and group["weight_decay"] != 0,
+                                ams_bound=bool(group["ams_bound"]))
 
     def _scalars(self, group, step):
         beta1, beta2 = group["betas"]

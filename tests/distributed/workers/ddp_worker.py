@@ -16,12 +16,7 @@ from gradkit.models import mlp
 
 
 def optimizers():
-    from gradkit.optim import ElementwiseOptimizer, Optimizer
-
-    for name in gk.optim.__all__:
-        cls = getattr(gk.optim, name)
-        if isinstance(cls, type) and issubclass(cls, Optimizer) and cls not in (Optimizer, ElementwiseOptimizer):
-            yield name, cls
+    return gk.optim.available().items()
 
 
 def main():
