@@ -70,6 +70,33 @@ def _eval_mode(opt, model, on: bool):
     model.train(not on)
 
 
+def _train(model: torch.nn.Module, make_opt: OptFactory, steps: int, seed: int,
+           closure_for: Callable[[torch.Generator], Callable[[], torch.Tensor]], evaluate: Callable[[], float],
+           eval_every: int, source, transforms, controllers, on_step, keep_model: bool) -> TaskResult:
+    """The loop both tasks share: timed Pipeline steps, evaluation every ``eval_every`` steps and at the end."""
+    opt = make_opt(model)
+    pipe = _pipeline(model, opt, source, transforms, controllers)
+    gen = torch.Generator().manual_seed(seed)
+    train_curve, eval_curve = Curve(), Curve()
+    elapsed = 0.0
+    for step in range(1, steps + 1):
+        closure = closure_for(gen)  # draws the batch before the clock starts
+        t0 = time.perf_counter()
+        loss = pipe.step(closure)
+        elapsed += time.perf_counter() - t0
+        train_curve.add(step, elapsed, float(loss))
+        if step % eval_every == 0 or step == steps or pipe.should_stop:
+            _eval_mode(opt, model, True)
+            with torch.no_grad():
+                eval_curve.add(step, elapsed, evaluate())
+            _eval_mode(opt, model, False)
+        if on_step is not None:
+            on_step(step)
+        if pipe.should_stop:
+            break
+    return TaskResult(train_curve, eval_curve, elapsed, step, model if keep_model else None)
+
+
 def train_digits(make_opt: OptFactory, steps: int = 600, *, seed: int = 0, batch: int = 64,
                  hidden: Sequence[int] = (64,), eval_every: int = 50, source=None, transforms=(),
                  controllers=(), data=None, on_step: Callable[[int], None] | None = None,
@@ -77,29 +104,17 @@ def train_digits(make_opt: OptFactory, steps: int = 600, *, seed: int = 0, batch
     """Train an MLP on scikit-learn's digits; ``eval`` is test accuracy."""
     xtr, ytr, xte, yte = data if data is not None else digits(seed=0)
     model = mlp((64, *hidden, 10), seed=seed)
-    opt = make_opt(model)
-    pipe = _pipeline(model, opt, source, transforms, controllers)
-    gen = torch.Generator().manual_seed(seed)
-    train_curve, eval_curve = Curve(), Curve()
-    elapsed = 0.0
-    for step in range(1, steps + 1):
+
+    def closure_for(gen):
         idx = torch.randint(0, len(xtr), (batch,), generator=gen)
         xb, yb = xtr[idx], ytr[idx]
-        t0 = time.perf_counter()
-        loss = pipe.step(lambda: F.cross_entropy(model(xb), yb))
-        elapsed += time.perf_counter() - t0
-        train_curve.add(step, elapsed, float(loss))
-        if step % eval_every == 0 or step == steps or pipe.should_stop:
-            _eval_mode(opt, model, True)
-            with torch.no_grad():
-                acc = float((model(xte).argmax(1) == yte).float().mean())
-            _eval_mode(opt, model, False)
-            eval_curve.add(step, elapsed, acc)
-        if on_step is not None:
-            on_step(step)
-        if pipe.should_stop:
-            break
-    return TaskResult(train_curve, eval_curve, elapsed, step, model if keep_model else None)
+        return lambda: F.cross_entropy(model(xb), yb)
+
+    def accuracy():
+        return float((model(xte).argmax(1) == yte).float().mean())
+
+    return _train(model, make_opt, steps, seed, closure_for, accuracy, eval_every, source, transforms,
+                  controllers, on_step, keep_model)
 
 
 _CORPUS: CharCorpus | None = None
@@ -132,23 +147,10 @@ def train_char_lm(make_opt: OptFactory, steps: int = 300, *, seed: int = 0, batc
     if model is None:
         model = CharTransformer(data.vocab_size, d_model=d_model, n_layer=n_layer, n_head=n_head, block=block,
                                 seed=seed)
-    opt = make_opt(model)
-    pipe = _pipeline(model, opt, source, transforms, controllers)
-    gen = torch.Generator().manual_seed(seed)
-    train_curve, eval_curve = Curve(), Curve()
-    elapsed = 0.0
-    for step in range(1, steps + 1):
+
+    def closure_for(gen):
         x, y = data.batch("train", batch, block, gen)
-        t0 = time.perf_counter()
-        loss = pipe.step(lambda: model.loss(x, y))
-        elapsed += time.perf_counter() - t0
-        train_curve.add(step, elapsed, float(loss))
-        if step % eval_every == 0 or step == steps or pipe.should_stop:
-            _eval_mode(opt, model, True)
-            eval_curve.add(step, elapsed, lm_val_loss(model))
-            _eval_mode(opt, model, False)
-        if on_step is not None:
-            on_step(step)
-        if pipe.should_stop:
-            break
-    return TaskResult(train_curve, eval_curve, elapsed, step, model if keep_model else None)
+        return lambda: model.loss(x, y)
+
+    return _train(model, make_opt, steps, seed, closure_for, lambda: lm_val_loss(model), eval_every, source,
+                  transforms, controllers, on_step, keep_model)
