@@ -254,3 +254,40 @@ def adam_direction(m: torch.Tensor, v: torch.Tensor, t: int, grad: torch.Tensor,
     v = b2 * v + (1 - b2) * grad * grad
     direction = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
     return direction, m, v
+
+
+class MirroredSearcher(Searcher):
+    """A Gaussian search distribution N(m, diag(σ²)) sampled in mirrored pairs, whose mean moves by Adam.
+
+    Shared by :class:`~gradkit.search.OpenAIES` and :class:`~gradkit.search.PGPE`: rows ``2i`` and ``2i+1`` of a
+    generation are ``m + σ·ε_i`` and ``m − σ·ε_i``; the population is even.
+    """
+
+    def __init__(self, x0: TensorLike, sigma0: TensorLike, **kwargs: Any):
+        super().__init__(x0, sigma0, **kwargs)
+        if self.popsize % 2:
+            raise ValueError(f"popsize must be even (mirrored pairs), got {self.popsize}")
+        self.m = self.x0.clone()
+        self.sigma = self.sigma0.expand(self.dim).clone()
+        self.adam_m = torch.zeros_like(self.m)
+        self.adam_v = torch.zeros_like(self.m)
+        self.adam_t = 0
+
+    def default_popsize(self, d: int) -> int:
+        n = default_popsize(d)
+        return n + n % 2
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.m.clone()
+
+    def _sample(self) -> torch.Tensor:
+        eps = self.sigma * torch.randn(self.popsize // 2, self.dim, generator=self.generator, dtype=self.dtype,
+                                       device=self.device)
+        return torch.stack([self.m + eps, self.m - eps], 1).reshape(self.popsize, self.dim)
+
+    def _adam(self, grad: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999)) -> torch.Tensor:
+        """Advance the Adam moments of the mean with ``grad``; returns the step direction (see adam_direction)."""
+        self.adam_t += 1
+        direction, self.adam_m, self.adam_v = adam_direction(self.adam_m, self.adam_v, self.adam_t, grad, betas)
+        return direction

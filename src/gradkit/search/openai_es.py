@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 
 from .._validate import check_nonneg, check_positive
-from .base import Searcher, TensorLike, adam_direction, centered_ranks, default_popsize
+from .base import MirroredSearcher, TensorLike, centered_ranks
 
 __all__ = ["OpenAIES"]
 
 
-class OpenAIES(Searcher):
+class OpenAIES(MirroredSearcher):
     """OpenAI evolution strategy (mirrored sampling, centred ranks, Adam), minimisation.
 
     Args:
@@ -37,32 +37,11 @@ class OpenAIES(Searcher):
                  device=None):
         super().__init__(x0, sigma0, popsize=popsize, bounds=bounds, seed=seed, on_nonfinite=on_nonfinite,
                          dtype=dtype, device=device)
-        if self.popsize % 2:
-            raise ValueError(f"popsize must be even (mirrored pairs), got {self.popsize}")
         self.lr = check_positive("lr", 0.5 * float(self.sigma0.mean()) if lr is None else lr)
         self.weight_decay = check_nonneg("weight_decay", weight_decay)
         self.betas = (check_nonneg("betas[0]", betas[0]), check_nonneg("betas[1]", betas[1]))
         if not (self.betas[0] < 1 and self.betas[1] < 1):
             raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
-        self.sigma = self.sigma0.expand(self.dim).clone()
-        self.m = self.x0.clone()
-        self.adam_m = torch.zeros_like(self.m)
-        self.adam_v = torch.zeros_like(self.m)
-        self.adam_t = 0
-
-    def default_popsize(self, d: int) -> int:
-        n = default_popsize(d)
-        return n + n % 2
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.m.clone()
-
-    def _sample(self) -> torch.Tensor:
-        eps = torch.randn(self.popsize // 2, self.dim, generator=self.generator, dtype=self.dtype,
-                          device=self.device)
-        step = self.sigma * eps
-        return torch.stack([self.m + step, self.m - step], 1).reshape(self.popsize, self.dim)
 
     def gradient(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """The search-gradient estimate of f at θ from evaluated candidates (descent direction is −g)."""
@@ -71,6 +50,4 @@ class OpenAIES(Searcher):
 
     def _update(self, x: torch.Tensor, f: torch.Tensor) -> None:
         g = self.gradient(x, f) + self.weight_decay * self.m
-        self.adam_t += 1
-        direction, self.adam_m, self.adam_v = adam_direction(self.adam_m, self.adam_v, self.adam_t, g, self.betas)
-        self.m = self.m - self.lr * direction
+        self.m = self.m - self.lr * self._adam(g, self.betas)

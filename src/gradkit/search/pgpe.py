@@ -14,12 +14,12 @@ from typing import Any
 import torch
 
 from .._validate import check_choice, check_nonneg, check_positive
-from .base import Searcher, TensorLike, adam_direction, centered_ranks, default_popsize
+from .base import MirroredSearcher, TensorLike, centered_ranks
 
 __all__ = ["PGPE"]
 
 
-class PGPE(Searcher):
+class PGPE(MirroredSearcher):
     """PGPE with symmetric (antithetic) sampling and centred-rank fitness shaping, minimisation.
 
     Args:
@@ -42,34 +42,12 @@ class PGPE(Searcher):
                  on_nonfinite: str = "raise", dtype: torch.dtype = torch.float64, device=None):
         super().__init__(x0, sigma0, popsize=popsize, bounds=bounds, seed=seed, on_nonfinite=on_nonfinite,
                          dtype=dtype, device=device)
-        if self.popsize % 2:
-            raise ValueError(f"popsize must be even (symmetric pairs), got {self.popsize}")
         self.optimizer = check_choice("optimizer", optimizer, ("adam", "sgd"))
         default_lr = 0.2 * float(self.sigma0.mean()) if self.optimizer == "adam" else 1.0
         self.lr_mean = check_positive("lr_mean", default_lr if lr_mean is None else lr_mean)
         self.lr_sigma = check_nonneg("lr_sigma", lr_sigma)
         self.max_sigma_change = check_positive("max_sigma_change", max_sigma_change)
         self.tolx = check_nonneg("tolx", tolx)
-        self.m = self.x0.clone()
-        self.sigma = self.sigma0.expand(self.dim).clone()
-        self.adam_m = torch.zeros_like(self.m)
-        self.adam_v = torch.zeros_like(self.m)
-        self.adam_t = 0
-
-    def default_popsize(self, d: int) -> int:
-        n = default_popsize(d)
-        return n + n % 2
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.m.clone()
-
-    def _sample(self) -> torch.Tensor:
-        half = self.popsize // 2
-        eps = self.sigma * torch.randn(half, self.dim, generator=self.generator, dtype=self.dtype,
-                                       device=self.device)
-        # Rows 2i and 2i+1 are the pair μ + ε_i, μ − ε_i.
-        return torch.stack([self.m + eps, self.m - eps], 1).reshape(self.popsize, self.dim)
 
     def _update(self, x: torch.Tensor, f: torch.Tensor) -> None:
         r = -centered_ranks(f)  # reward: best (lowest f) gets +0.5
@@ -80,9 +58,7 @@ class PGPE(Searcher):
         baseline = r.mean()
         grad_s = ((((rp + rm) / 2 - baseline)[:, None]) * (eps * eps - self.sigma ** 2) / self.sigma).mean(0)
         if self.optimizer == "adam":
-            self.adam_t += 1
-            direction, self.adam_m, self.adam_v = adam_direction(self.adam_m, self.adam_v, self.adam_t, grad_m)
-            self.m = self.m + self.lr_mean * direction
+            self.m = self.m + self.lr_mean * self._adam(grad_m)
         else:
             self.m = self.m + self.lr_mean * grad_m
         # Bounded relative change keeps σ positive and stops one lucky generation from collapsing it.
