@@ -22,7 +22,7 @@ import torch
 
 from .._kernels import TensorList
 
-__all__ = ["partials", "per_tensor", "put_abs_sum", "put_sq_sum", "put_sum", "shared_lr", "totals"]
+__all__ = ["live_groups", "partials", "per_tensor", "put_abs_sum", "put_sq_sum", "put_sum", "shared_lr", "totals"]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,6 +91,11 @@ def per_tensor(lst: Sequence[torch.Tensor]) -> list[float]:
         return []
     dev = lst[0].device
     return torch.stack([t.to(dev, torch.float64) for t in lst]).tolist()
+
+
+def live_groups(param_groups: Sequence[dict], active: Sequence[tuple[dict, list]]) -> tuple[float, list]:
+    """(the shared lr, the ``(group, params)`` pairs that step now: lr > 0 and some gradients)."""
+    return shared_lr(param_groups), [(g, ps) for g, ps in active if g["lr"] > 0 and ps]
 
 
 def shared_lr(param_groups: Sequence[dict]) -> float:

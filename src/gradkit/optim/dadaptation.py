@@ -29,7 +29,7 @@ import torch
 from .._kernels import Elementwise, sq_norms
 from .._validate import check_beta, check_betas, check_nonneg, check_positive, check_range
 from ._base import Optimizer, ParamsT
-from ._reduce import partials, put_abs_sum, put_sq_sum, put_sum, shared_lr, totals
+from ._reduce import live_groups, partials, put_abs_sum, put_sq_sum, put_sum, totals
 
 __all__ = ["DAdaptAdam", "DAdaptSGD"]
 
@@ -110,8 +110,7 @@ class DAdaptSGD(Optimizer):
         check_beta("momentum", group["momentum"])
 
     def _step(self, active):
-        lr = shared_lr(self.param_groups)
-        active = [(g, ps) for g, ps in active if g["lr"] > 0 and ps]
+        lr, active = live_groups(self.param_groups, active)
         if not active:
             return
         head = self.param_groups[0]
@@ -169,8 +168,7 @@ class DAdaptAdam(Optimizer):
         check_nonneg("layer_scale", group["layer_scale"])
 
     def _step(self, active):
-        lr = shared_lr(self.param_groups)
-        active = [(g, ps) for g, ps in active if g["lr"] > 0 and ps]
+        lr, active = live_groups(self.param_groups, active)
         if not active:
             return
         head = self.param_groups[0]

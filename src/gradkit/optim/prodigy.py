@@ -27,7 +27,7 @@ import torch
 from .._kernels import Elementwise
 from .._validate import check_beta, check_betas, check_nonneg, check_positive, check_range
 from ._base import Optimizer, ParamsT
-from ._reduce import partials, put_abs_sum, put_sum, shared_lr, totals
+from ._reduce import live_groups, partials, put_abs_sum, put_sum, totals
 
 __all__ = ["Prodigy"]
 
@@ -85,8 +85,7 @@ class Prodigy(Optimizer):
         check_range("growth_rate", group["growth_rate"], 1.0)
 
     def _step(self, active):
-        lr = shared_lr(self.param_groups)
-        active = [(g, ps) for g, ps in active if g["lr"] > 0 and ps]
+        lr, active = live_groups(self.param_groups, active)
         if not active:
             return
         head = self.param_groups[0]
