@@ -2,8 +2,8 @@
 
 Everything runs on a CPU in seconds to a minute and is deterministic given the seeds:
 
-- data: scikit-learn's 8×8 digits, raw pixels / 16 mapped to [−1, 1], split as :func:`gradkit.data.digits`
-  (same seeded permutation: 1,348 train / 449 test);
+- data: scikit-learn's 8×8 digits from :func:`gradkit.data.digits` (raw pixels / 16 mapped to [−1, 1];
+  1,348 train / 449 test);
 - :class:`DigitsFlow`: velocity model ``v_θ(x, t, y)`` on the linear path ``x_t = (1−t)·x0 + t·x1``
   (t = 0 noise, t = 1 data), input ``x ⊕ class embedding (11th class = "null" for classifier-free guidance)
   ⊕ sinusoidal time features`` → 3×256 SiLU → 64 (≈ 0.19 M parameters), trained with label dropout and the loss
@@ -14,7 +14,7 @@ Everything runs on a CPU in seconds to a minute and is deterministic given the s
   never guides;
 - :class:`Evaluator`: judge accuracy on the requested class, guide and judge log-probabilities (a gap exposes
   reward hacking), within-class diversity relative to real test digits, Fréchet distance on the judge's hidden
-  features against real test digits with the real-vs-real floor, and the fraction of out-of-range pixels.
+  features against real test digits with the real-vs-real floor, and the pixels' overshoot beyond [−1, 1].
 
 Trained weights are cached under :func:`cache_dir` (``$GRADKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/gradkit``,
 else ``~/.cache/gradkit``), one file per network keyed by a hash of its training configuration and the torch
@@ -37,34 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import digits
+
 __all__ = [
     "NULL_CLASS", "ClassifierConfig", "DigitsFlow", "Evaluator", "FlowConfig", "NoisyClassifier", "Testbed",
-    "cache_dir", "digits_pm1", "frechet_distance", "image_grid", "load", "save_grid", "train_classifier",
-    "train_flow", "train_noisy_classifier",
+    "cache_dir", "frechet_distance", "image_grid", "is_cached", "load", "save_grid", "train_classifier",
+    "train_flow", "train_noisy_classifier", "with_steps",
 ]
 
 NULL_CLASS = 10  # the "no condition" label of the flow's class embedding (classifier-free guidance)
-_FORMAT = 1  # bump when a network's architecture or training loop changes: old cache files are then ignored
-
-
-# -- data ------------------------------------------------------------------------------------------------
-def digits_pm1(test_fraction: float = 0.25, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """scikit-learn's digits with raw pixels (0…16) mapped to [−1, 1]; ``(x_train, y_train, x_test, y_test)``.
-
-    The split is the seeded permutation of :func:`gradkit.data.digits` (same images in each split).
-    """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - the demo/test extras install it
-        raise ImportError("the digits test-bed needs scikit-learn: pip install 'gradkit[demo]'") from exc
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float64) / 8.0 - 1.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_test = int(round(len(x) * test_fraction))
-    test, train = perm[:n_test], perm[n_test:]
-    x = x.to(dtype)
-    return x[train], y[train], x[test], y[test]
+# bump a part's number when its architecture or training loop changes: its old cache files are then ignored
+_FORMAT = {"flow": 1, "weak_flow": 1, "guide": 1, "judge": 1, "noisy_guide": 2}
 
 
 # -- networks --------------------------------------------------------------------------------------------
@@ -124,7 +107,12 @@ class DigitsFlow(nn.Module):
 
 
 class NoisyClassifier(nn.Module):
-    """Noise-aware classifier ``logits = f(x_t, t)`` of the class of ``x1`` from a point ``x_t`` of the path.
+    """Noise-aware classifier ``logits = t·f(x_t, t)`` of the class of ``x1`` from a point ``x_t`` of the path.
+
+    The factor t is the exact posterior's behaviour: at t = 0 the state is pure noise, independent of the class,
+    and the logit differences of ``p_t(c|x)`` grow linearly in t (for Gaussian classes ``log p_t(c|x) = const +
+    t·⟨x, μ_c⟩ + O(t²)``), so classifier guidance's velocity term ``((1−t)/t)·∇log p_t(c|x)`` stays bounded as
+    t → 0. Without it a learned classifier's small spurious gradient at t ≈ 0 is multiplied by 1/t.
 
     Args:
         width: hidden width (default 256).
@@ -144,7 +132,8 @@ class NoisyClassifier(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, t: Any) -> torch.Tensor:
-        return self.net(torch.cat([x, _time_features(_batch_time(t, x), self.time_dim)], dim=1))
+        tt = _batch_time(t, x)
+        return tt[:, None] * self.net(torch.cat([x, _time_features(tt, self.time_dim)], dim=1))
 
 
 def _classifier(sizes: tuple[int, ...]) -> nn.Sequential:
@@ -159,7 +148,20 @@ def _classifier(sizes: tuple[int, ...]) -> nn.Sequential:
 # -- training configurations ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FlowConfig:
-    """How :func:`train_flow` trains a :class:`DigitsFlow` (AdamW, cosine decay to 0, uniform t)."""
+    """How :func:`train_flow` trains a :class:`DigitsFlow` (AdamW, cosine decay to 0, t ~ U[0, 1]).
+
+    Args:
+        width: hidden width (default 256).
+        depth: hidden layers (default 3).
+        emb_dim: class-embedding size (default 64).
+        time_dim: sinusoidal time features (default 32).
+        steps: optimizer steps (default 6000).
+        batch: batch size (default 256).
+        lr: AdamW peak learning rate (default 2e-3), decayed to 0 by a cosine.
+        weight_decay: AdamW decoupled weight decay (default 0).
+        p_uncond: label dropout, the probability of training a row on the null class (default 0.1).
+        seed: seed of the initialisation and of every random draw of the training (default 0).
+    """
 
     width: int = 256
     depth: int = 3
@@ -175,17 +177,31 @@ class FlowConfig:
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """How a (clean or noise-aware) classifier is trained: AdamW, cosine decay, cross-entropy."""
+    """How a clean or noise-aware classifier is trained: AdamW, cosine decay to 0, cross-entropy.
 
-    sizes: tuple[int, ...] = (64, 256, 128, 10)  # clean classifiers: layer sizes (ReLU between)
-    width: int = 256  # noise-aware classifier
+    Args:
+        sizes: layer sizes of a clean classifier, ReLU between (default ``(64, 256, 128, 10)``; the last hidden
+            layer gives the judge's features).
+        width: hidden width of a noise-aware classifier (default 256).
+        depth: hidden SiLU layers of a noise-aware classifier (default 2).
+        steps: optimizer steps (default 2000).
+        batch: batch size (default 128).
+        lr: AdamW peak learning rate (default 1e-3).
+        weight_decay: AdamW decoupled weight decay (default 1e-2).
+        half: which half of the training split it learns from: 0 = the guide half, 1 = the judge half (default 0).
+        input_noise: std of Gaussian noise added to clean training inputs (default 0: none).
+        seed: seed of the initialisation and of the batches (default 0).
+    """
+
+    sizes: tuple[int, ...] = (64, 256, 128, 10)
+    width: int = 256
     depth: int = 2
     steps: int = 2000
     batch: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-2
-    half: int = 0  # which half of the training split: 0 = guide half, 1 = judge half
-    input_noise: float = 0.0  # std of Gaussian noise added to clean training inputs (augmentation)
+    half: int = 0
+    input_noise: float = 0.0
     seed: int = 0
 
 
@@ -209,7 +225,20 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
 
 def train_flow(cfg: FlowConfig, x: torch.Tensor, y: torch.Tensor, callback: Callable[[int], None] | None = None
                ) -> DigitsFlow:
-    """Train a :class:`DigitsFlow` on ``(x, y)`` by conditional flow matching with label dropout."""
+    """Train a :class:`DigitsFlow` on ``(x, y)`` by conditional flow matching with label dropout.
+
+    Loss ``‖v_θ(x_t, t, y) − (x1 − x0)‖²`` with ``x_t = (1−t)·x0 + t·x1``, ``x0 ~ N(0, I)``, ``t ~ U[0, 1]``; a row's
+    label is replaced by :data:`NULL_CLASS` with probability ``cfg.p_uncond``.
+
+    Args:
+        cfg: the training configuration.
+        x: images ``[n, 64]`` in [−1, 1].
+        y: labels ``[n]``.
+        callback: called with the step index after every step (e.g. a progress bar), default none.
+
+    Returns:
+        The trained model in eval mode with ``requires_grad`` off.
+    """
     model = _seeded(cfg.seed, lambda: DigitsFlow(cfg.width, cfg.depth, cfg.emb_dim, cfg.time_dim))
     opt, sched = _cosine_adamw(model, cfg.lr, cfg.weight_decay, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -232,7 +261,14 @@ def train_flow(cfg: FlowConfig, x: torch.Tensor, y: torch.Tensor, callback: Call
 
 def train_classifier(cfg: ClassifierConfig, x: torch.Tensor, y: torch.Tensor,
                      callback: Callable[[int], None] | None = None) -> nn.Sequential:
-    """Train a clean-image MLP classifier (ReLU) on ``(x, y)``; ``cfg.input_noise`` adds Gaussian augmentation."""
+    """Train a clean-image MLP classifier (ReLU) on ``(x, y)``.
+
+    Args:
+        cfg: the training configuration (``cfg.sizes``, ``cfg.input_noise`` …).
+        x: images ``[n, 64]``.
+        y: labels ``[n]``.
+        callback: called with the step index after every step, default none.
+    """
     model = _seeded(cfg.seed, lambda: _classifier(cfg.sizes))
     opt, sched = _cosine_adamw(model, cfg.lr, cfg.weight_decay, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -253,7 +289,14 @@ def train_classifier(cfg: ClassifierConfig, x: torch.Tensor, y: torch.Tensor,
 
 def train_noisy_classifier(cfg: ClassifierConfig, x: torch.Tensor, y: torch.Tensor,
                            callback: Callable[[int], None] | None = None) -> NoisyClassifier:
-    """Train :class:`NoisyClassifier` on ``x_t = (1−t)·x0 + t·x1``, ``t ~ U[0, 1]``, ``x0 ~ N(0, I)``."""
+    """Train :class:`NoisyClassifier` on ``x_t = (1−t)·x0 + t·x1``, ``t ~ U[0, 1]``, ``x0 ~ N(0, I)``.
+
+    Args:
+        cfg: the training configuration (``cfg.width``, ``cfg.depth`` …).
+        x: clean images ``x1`` ``[n, 64]``.
+        y: labels ``[n]``.
+        callback: called with the step index after every step, default none.
+    """
     model = _seeded(cfg.seed, lambda: NoisyClassifier(cfg.width, cfg.depth))
     opt, sched = _cosine_adamw(model, cfg.lr, cfg.weight_decay, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -286,14 +329,18 @@ def cache_dir() -> Path:
 
 def _key(kind: str, cfg: Any) -> str:
     blob = json.dumps({"kind": kind, "config": asdict(cfg), "torch": str(torch.__version__).split("+")[0],
-                       "format": _FORMAT}, sort_keys=True)
+                       "format": _FORMAT.get(kind, 1)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _path(kind: str, cfg: Any) -> Path:
+    return cache_dir() / f"digits-{kind}-{_key(kind, cfg)}.pt"
 
 
 def _cached(kind: str, cfg: Any, build: Callable[[], nn.Module], train: Callable[[], nn.Module], cache: bool,
             log: Callable[[str], None]) -> tuple[nn.Module, float]:
     """Load ``kind`` trained with ``cfg`` from the cache, or train it (and save it). Returns (model, train s)."""
-    path = cache_dir() / f"digits-{kind}-{_key(kind, cfg)}.pt"
+    path = _path(kind, cfg)
     if cache and path.exists():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -325,8 +372,13 @@ def _stats(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets ``a`` ``[n, d]`` and ``b`` ``[m, d]``:
-    ``‖μa − μb‖² + tr(Σa + Σb − 2(Σa^½ Σb Σa^½)^½)`` (float64, symmetric eigen-decompositions)."""
+    """Fréchet distance between Gaussians fitted to two feature sets (float64, symmetric eigen-decompositions):
+    ``‖μa − μb‖² + tr(Σa + Σb − 2(Σa^½ Σb Σa^½)^½)``.
+
+    Args:
+        a: features ``[n, d]``.
+        b: features ``[m, d]``.
+    """
     (ma, ca), (mb, cb) = _stats(a), _stats(b)
     ev, vec = torch.linalg.eigh(ca)
     root = (vec * ev.clamp_min(0).sqrt()) @ vec.T
@@ -380,10 +432,11 @@ class Evaluator:
         of the requested class under the judge and the guide classifier), ``diversity`` (mean over classes of the
         within-class mean pairwise distance divided by that of real test digits of the class), ``fd`` (Fréchet
         distance of judge features to the test digits), ``fd_floor`` (the same for real training digits, same
-        count), ``out_of_range`` (fraction of pixels with |x| > 1 before clamping).
+        count), ``overshoot`` (mean of ``max(|x| − 1, 0)`` over pixels before clamping: saturation; 0 for real
+        digits).
         """
         x = x.detach().float()
-        out_of_range = float((x.abs() > 1.0).float().mean())
+        overshoot = float((x.abs() - 1.0).clamp_min(0.0).mean())
         xc = x.clamp(-1.0, 1.0)
         judge_logits = self.judge(xc)
         guide_logits = self.guide(xc)
@@ -397,13 +450,19 @@ class Evaluator:
             "diversity": sum(spreads) / len(spreads) if spreads else float("nan"),
             "fd": frechet_distance(self.features(xc), self.test_features),
             "fd_floor": self.floor(len(x)),
-            "out_of_range": out_of_range,
+            "overshoot": overshoot,
         }
 
 
 # -- pictures --------------------------------------------------------------------------------------------
 def image_grid(x: torch.Tensor, nrow: int, pad: int = 1) -> torch.Tensor:
-    """Tile ``[n, 64]`` digits in [−1, 1] into one ``[H, W]`` image in [0, 1] (white background, dark ink)."""
+    """Tile digits into one ``[H, W]`` image in [0, 1] (white background, dark ink), row by row.
+
+    Args:
+        x: digits ``[n, 64]`` in [−1, 1] (clamped).
+        nrow: number of rows of the grid.
+        pad: white pixels between digits (default 1).
+    """
     n = len(x)
     ncol = math.ceil(n / nrow)
     img = torch.ones(nrow * (8 + pad) + pad, ncol * (8 + pad) + pad)
@@ -416,7 +475,13 @@ def image_grid(x: torch.Tensor, nrow: int, pad: int = 1) -> torch.Tensor:
 
 
 def save_grid(path: str | os.PathLike, panels: list[tuple[str, torch.Tensor]], nrow: int) -> Path | None:
-    """Save one PNG with a titled grid per panel (``[(title, [n, 64] samples)]``); None without matplotlib."""
+    """Save one PNG with a titled grid of digits per panel; returns the path, or None without matplotlib.
+
+    Args:
+        path: the PNG file (its directory is created).
+        panels: ``[(title, samples [n, 64])]``, drawn left to right, four per line.
+        nrow: rows of each grid (see :func:`image_grid`).
+    """
     try:
         import matplotlib
 
@@ -457,9 +522,31 @@ TINY = {
 }
 
 
+def is_cached(budget: str = "full") -> bool:
+    """Whether every network of the test-bed at ``budget`` is in :func:`cache_dir` (then :func:`load` trains nothing).
+
+    Args:
+        budget: ``"full"`` or ``"tiny"``.
+    """
+    configs = FULL if budget == "full" else TINY
+    return all(_path(kind, cfg).exists() for kind, cfg in configs.items())
+
+
 @dataclass
 class Testbed:
-    """The digits test-bed: models, classifiers, data and the :class:`Evaluator` (see :func:`load`)."""
+    """The digits test-bed: models, classifiers, data and the :class:`Evaluator` (built by :func:`load`).
+
+    Args:
+        flow: the class-conditional velocity model.
+        weak_flow: a smaller, shorter-trained flow (Autoguidance's "bad" model).
+        guide: clean guide classifier ``logits = guide(x)`` (guide half of the training split).
+        noisy_guide: noise-aware guide classifier ``logits = noisy_guide(x_t, t)`` (guide half).
+        judge: clean judge classifier (the other half; it scores samples and never guides).
+        data: ``(x_train, y_train, x_test, y_test)`` from :func:`gradkit.data.digits`.
+        evaluator: metrics of generated samples.
+        configs: the training configuration of each part.
+        train_seconds: seconds spent training each part in this call (0 when loaded from the cache).
+    """
 
     flow: DigitsFlow
     weak_flow: DigitsFlow
@@ -492,7 +579,7 @@ def load(budget: str = "full", *, cache: bool = True, log: Callable[[str], None]
     unknown = set(overrides) - set(FULL)
     if unknown:
         raise ValueError(f"unknown test-bed parts {sorted(unknown)}; parts: {sorted(FULL)}")
-    x_train, y_train, x_test, y_test = data = digits_pm1()
+    x_train, y_train, x_test, y_test = data = digits()
     halves = _halves(len(x_train))
     seconds: dict[str, float] = {}
 
@@ -538,5 +625,10 @@ def _with_threads(n: int | None, fn: Callable[[], nn.Module]) -> nn.Module:
 
 
 def with_steps(cfg: FlowConfig, steps: int) -> FlowConfig:
-    """``cfg`` with another step budget (convenience for experiments)."""
+    """``cfg`` with another step budget.
+
+    Args:
+        cfg: a flow configuration.
+        steps: the new number of optimizer steps.
+    """
     return replace(cfg, steps=steps)
