@@ -69,17 +69,21 @@ class _Counter:
 class StepContext:
     """One evaluation point of the sampler, handed to :meth:`Guidance.velocity` / :meth:`Guidance.step`.
 
-    Attributes:
+    Args:
         x: the state at this evaluation point (``[B, ...]``).
         t: its time (float, 0 = noise, 1 = data).
         t_next: the end of the current step (``t`` of the next grid point).
         t_step: the start of the current step (= ``t`` at stage 0).
-        step: the index of the current step (0-based); ``num_steps`` the number of steps.
+        step: the index of the current step (0-based).
+        num_steps: the number of steps of the run.
         stage: which evaluation of the step this is (0 for the first; Heun/midpoint/RK4 have more).
         cond: the condition passed to the sampler.
         model: the sampler's :class:`~gradkit.guide.FlowModel`.
         generator: the sampler's ``torch.Generator`` (for stochastic methods).
         method: the solver method name.
+        counter: the sampler's NFE counter (shared by every context of a run).
+
+    All arguments are keyword-only and stored as attributes of the same names.
     """
 
     def __init__(self, *, x: Tensor, t: float, t_next: float, t_step: float, step: int, num_steps: int, stage: int,

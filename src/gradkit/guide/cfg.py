@@ -33,7 +33,14 @@ __all__ = ["CFG", "cfg"]
 
 
 def cfg(pred_cond: Tensor, pred_uncond: Tensor, scale: float, *, formulation: str = "diffusers") -> Tensor:
-    """The CFG combination of two predictions (any parameterisation: the rule is affine)."""
+    """The CFG combination of two predictions (any parameterisation: the rule is affine).
+
+    Args:
+        pred_cond: conditional prediction.
+        pred_uncond: unconditional prediction.
+        scale: w.
+        formulation: ``"diffusers"`` (default) ``u + w(c − u)`` or ``"original"`` ``c + w(c − u)``.
+    """
     base = pred_uncond if formulation == "diffusers" else pred_cond
     return base + scale * (pred_cond - pred_uncond)
 

@@ -30,7 +30,13 @@ __all__ = ["CFGZeroStar", "optimized_scale"]
 
 
 def optimized_scale(pred_cond: Tensor, pred_uncond: Tensor, eps: float = 1e-8) -> Tensor:
-    """Per-sample ``s* = ⟨c, u⟩ / (‖u‖² + eps)``, shaped ``[B, 1, ...]``."""
+    """Per-sample ``s* = ⟨c, u⟩ / (‖u‖² + eps)``, shaped ``[B, 1, ...]``.
+
+    Args:
+        pred_cond: conditional prediction c.
+        pred_uncond: unconditional prediction u.
+        eps: ε in the denominator (default 1e-8).
+    """
     return flat_dot(pred_cond, pred_uncond) / (flat_dot(pred_uncond, pred_uncond) + eps)
 
 

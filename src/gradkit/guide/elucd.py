@@ -38,7 +38,12 @@ __all__ = ["EluCD", "relu_to_softplus"]
 
 def relu_to_softplus(module: torch.nn.Module, beta: float = 3.0) -> torch.nn.Module:
     """A deep copy of ``module`` with every ``nn.ReLU`` replaced by ``nn.Softplus(beta)`` (EluCD's smoothing of an
-    off-the-shelf classifier's gradient)."""
+    off-the-shelf classifier's gradient).
+
+    Args:
+        module: the classifier (left unchanged).
+        beta: Softplus β (default 3.0, EluCD's ImageNet flag).
+    """
     m = copy.deepcopy(module)
     for _name, child in list(m.named_modules()):
         for cname, sub in list(child.named_children()):

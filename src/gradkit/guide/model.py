@@ -67,7 +67,11 @@ class FlowModel:
 
 
 def as_flow_model(model: Any) -> FlowModel:
-    """``model`` as a :class:`FlowModel` (its ``prediction`` attribute, else ``"velocity"``)."""
+    """``model`` as a :class:`FlowModel` (its ``prediction`` attribute, else ``"velocity"``).
+
+    Args:
+        model: a :class:`FlowModel` (returned as is) or a callable ``(x, t, cond) -> prediction``.
+    """
     if isinstance(model, FlowModel):
         return model
     if not callable(model):
@@ -77,13 +81,21 @@ def as_flow_model(model: Any) -> FlowModel:
 
 def vp_cosine_time(t: Tensor) -> Tensor:
     """Continuous time τ ∈ [0, 1] of the cosine VP schedule ``ᾱ(τ) = cos²(πτ/2)`` at path time t
-    (τ = 1 is pure noise): ``τ = (2/π)·atan((1−t)/t)``."""
+    (τ = 1 is pure noise): ``τ = (2/π)·atan((1−t)/t)``.
+
+    Args:
+        t: path times (tensor).
+    """
     return (2 / math.pi) * torch.atan2(1 - t, t)
 
 
 def vp_discrete_time(alphas_cumprod: Tensor) -> Callable[[Tensor], Tensor]:
     """Time map for a discrete VP model trained on ``alphas_cumprod`` (index 0 = least noise): the fractional
-    timestep whose log-SNR equals the path's ``log(t/(1−t))²``, interpolated linearly in log-SNR."""
+    timestep whose log-SNR equals the path's ``log(t/(1−t))²``, interpolated linearly in log-SNR.
+
+    Args:
+        alphas_cumprod: the model's ᾱ table (e.g. ``scheduler.alphas_cumprod`` of a diffusers DDPM scheduler).
+    """
     ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
     logsnr = torch.log(ac) - torch.log1p(-ac)  # decreasing with the index
 

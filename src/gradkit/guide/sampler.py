@@ -44,7 +44,14 @@ _STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "sde": 1}
 
 
 def time_grid(steps: int, t_start: float = 0.0, t_end: float = 1.0, *, dtype: torch.dtype = torch.float64) -> Tensor:
-    """``steps + 1`` equally spaced times from ``t_start`` to ``t_end`` (either direction)."""
+    """``steps + 1`` equally spaced times from ``t_start`` to ``t_end`` (either direction).
+
+    Args:
+        steps: number of steps N (≥ 1).
+        t_start: first time (default 0.0, noise).
+        t_end: last time (default 1.0, data; smaller than ``t_start`` for a backward grid).
+        dtype: dtype of the grid (default float64).
+    """
     check_int("steps", steps, 1)
     return torch.linspace(float(t_start), float(t_end), steps + 1, dtype=dtype)
 
@@ -53,12 +60,13 @@ def time_grid(steps: int, t_start: float = 0.0, t_end: float = 1.0, *, dtype: to
 class SampleOutput:
     """What :func:`sample` returns with ``full_output=True``.
 
-    Attributes:
+    Args:
         x: the final state (``[B, ...]``).
         nfe: network evaluations per sample (a cond + uncond pair counts 2).
         times: the time grid (``[N + 1]``, float64).
         trajectory: ``[N + 1, B, ...]`` states at every grid time when requested, else ``None``.
         calls: number of network calls (batched).
+        info: method-specific extras (empty by default).
     """
 
     x: Tensor
@@ -300,7 +308,19 @@ def sample(model: Any, x: Tensor, *, cond: Any = None, guidance: Guidance | None
 def context(model: Any, x: Tensor, t: float, cond: Any = None, *, t_next: float | None = None, step: int = 0,
             num_steps: int = 1, seed: int = 0, method: str = "euler") -> StepContext:
     """A :class:`StepContext` at ``(x, t)`` outside a sampling run (to evaluate a rule on its own, e.g. in tests or
-    in another framework's loop). ``t_next`` defaults to ``min(t + 1/num_steps, 1)``."""
+    in another framework's loop).
+
+    Args:
+        model: the model (any declared parameterisation).
+        x: the state ``[B, ...]``.
+        t: its time.
+        cond: the condition (default ``None``).
+        t_next: the end of the step (default ``min(t + 1/num_steps, 1)``).
+        step: the step index (default 0).
+        num_steps: the number of steps (default 1).
+        seed: seed of the context's generator (default 0).
+        method: the solver name reported to the rule (default ``"euler"``).
+    """
     gen = torch.Generator(device=x.device)
     gen.manual_seed(seed)
     tn = min(t + 1.0 / num_steps, 1.0) if t_next is None else t_next
@@ -309,7 +329,15 @@ def context(model: Any, x: Tensor, t: float, cond: Any = None, *, t_next: float 
 
 
 def guided_velocity(guidance: Guidance, model: Any, x: Tensor, t: float, cond: Any = None, **kw: Any) -> Tensor:
-    """The guided velocity of a rule-level ``guidance`` at ``(x, t)`` (under ``torch.no_grad``; see
-    :func:`context` for the keywords)."""
+    """The guided velocity of a rule-level ``guidance`` at ``(x, t)`` (under ``torch.no_grad``).
+
+    Args:
+        guidance: a rule-level :class:`Guidance`.
+        model: the model.
+        x: the state ``[B, ...]``.
+        t: its time.
+        cond: the condition (default ``None``).
+        **kw: further keywords of :func:`context` (``t_next``, ``step``, ``num_steps``, ``seed``, ``method``).
+    """
     with torch.no_grad():
         return guidance.velocity(context(model, x, t, cond, **kw))
