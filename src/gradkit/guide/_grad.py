@@ -80,6 +80,7 @@ class GradientEstimator:
         with torch.no_grad():
             buf.copy_(x.detach())
         seen: dict[str, Tensor] = {}
+        skip = self.on_nonfinite == "skip"
 
         def per_sample() -> Tensor:
             vals = f(buf)
@@ -87,6 +88,10 @@ class GradientEstimator:
                 raise ValueError(f"the objective must return one value per sample ([{buf.shape[0]}]), "
                                  f"got shape {tuple(vals.shape)}")
             seen.setdefault("first", vals.detach())
+            if skip:  # a non-finite row must not poison the others: it is dropped (and counted) below
+                fin = torch.isfinite(vals.detach())
+                seen["bad"] = seen.get("bad", torch.zeros_like(fin)) | ~fin
+                vals = torch.where(fin, vals, torch.zeros_like(vals))
             return -vals
 
         try:
@@ -122,6 +127,8 @@ class GradientEstimator:
             vals = torch.full((x.shape[0],), float("nan"), dtype=x.dtype, device=x.device)
         if self.on_nonfinite != "ignore":
             bad = ~torch.isfinite(grad.flatten(1)).all(1) | ~torch.isfinite(vals)
+            if "bad" in seen:
+                bad = bad | seen["bad"]
             if bool(bad.any()):
                 if self.on_nonfinite == "raise":
                     raise NonFiniteError(f"the guidance gradient or objective is non-finite for rows "

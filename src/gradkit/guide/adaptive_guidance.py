@@ -65,7 +65,7 @@ class AdaptiveGuidance(Guidance):
         else:
             a, b = v_c, v_u
         cos = flat_dot(a, b) / (flat_norm(a) * flat_norm(b)).clamp_min(1e-30)
-        return cos.flatten()
+        return cos.flatten().clamp(-1.0, 1.0)  # rounding can exceed 1: threshold 1 must mean never
 
     def velocity(self, ctx: StepContext) -> Tensor:
         if self.switched is None or self.switched.shape[0] != ctx.x.shape[0]:

@@ -77,11 +77,20 @@ class SampleOutput:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class _LinearG:
+    """``g(t) = g0·(1 − t)`` (picklable)."""
+
+    def __init__(self, g0: float):
+        self.g0 = g0
+
+    def __call__(self, t: float) -> float:
+        return self.g0 * (1.0 - t)
+
+
 def _g_fn(g: float | Callable[[float], float]) -> Callable[[float], float]:
     if callable(g):
         return g
-    g0 = check_nonneg("g", g)
-    return lambda t: g0 * (1.0 - t)
+    return _LinearG(check_nonneg("g", g))
 
 
 class Sampler:
