@@ -34,13 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._validate import check_choice, check_int
+from .._validate import check_int, check_nonfinite
 from ..errors import NonFiniteError
 from .base import Closure, Source
 
 __all__ = ["LocalRule", "as_blocks", "block_width"]
-
-LOCAL_NONFINITE = ("raise", "skip", "ignore")
 
 
 def _has_params(m: nn.Module) -> bool:
@@ -48,7 +46,13 @@ def _has_params(m: nn.Module) -> bool:
 
 
 def as_blocks(blocks: nn.Module | Sequence[nn.Module]) -> nn.ModuleList:
-    """The blocks of a network as an ``nn.ModuleList`` (see the module docstring for the two forms)."""
+    """The blocks of a network as an ``nn.ModuleList``.
+
+    Args:
+        blocks: an ``nn.Sequential``, cut into blocks after its parameter-free children (``Sequential(Linear,
+            ReLU, Linear, ReLU, Linear)`` gives ``[Linear, ReLU] [Linear, ReLU] [Linear]``), or a list / tuple /
+            ``nn.ModuleList`` of modules taken as given, one per block. The modules are the user's, not copies.
+    """
     if isinstance(blocks, nn.Sequential):
         groups: list[list[nn.Module]] = []
         current: list[nn.Module] = []
@@ -110,6 +114,18 @@ def _batch(closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:
 class LocalRule(Source):
     """Base of the local learning rules: blocks, the rule's own parameters, per-block gradients, state.
 
+    ``on_nonfinite``: ``"raise"`` raises :class:`~gradkit.NonFiniteError` when a local loss or gradient is NaN/Inf,
+    with ``.grad`` and the random stream as they were (a :class:`~gradkit.Pipeline` then restores and skips or
+    raises by its own policy); ``"skip"`` does the same without raising, counts the step in ``skipped`` and returns
+    a NaN loss; ``"ignore"`` checks nothing. ``"worst"`` (population stages only) raises ``ValueError``.
+
+    Args:
+        blocks: the network's blocks (see :func:`as_blocks`).
+        aux: a module holding the rule's own parameters and buffers (projections, embeddings, feedback
+            matrices); trained with the blocks and saved in :meth:`state_dict`.
+        seed: seed of the rule's random stream (default 0).
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``.
+
     Subclasses pass their extra modules as ``aux``; ``_local_step(x, y)`` runs the rule, calling :meth:`_grad`
     once per local loss, and returns the sum of the local losses. The gradients are collected first and written
     to ``.grad`` only when every local loss and gradient is finite, so a raised
@@ -125,7 +141,7 @@ class LocalRule(Source):
         self.aux = self.module.aux
         super().__init__(self.module)
         self.seed = check_int("seed", seed, 0)
-        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, LOCAL_NONFINITE)
+        self.on_nonfinite = check_nonfinite(on_nonfinite, ("raise", "skip", "ignore"), where=type(self).__name__)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.step_count = 0
         self.skipped = 0
