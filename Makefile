@@ -31,7 +31,7 @@ test: $(VENV)/.test
 # The reference site (mkdocs-material + mkdocstrings, from the docstrings) into build/site (git-ignored);
 # --strict turns every warning (a broken link, an argument documented but absent from the signature) into a failure.
 docs: $(VENV)/.test
-	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 bench: $(VENV)/.test
 	$(VENV)/bin/gradkit bench optimizers --out bench-out
