@@ -21,7 +21,7 @@ def test_readme_guided_sampling_example_runs(tmp_path, monkeypatch, capsys):
     from gradkit.guide import testbed
 
     code = _example()
-    assert len(code.strip().splitlines()) <= 12 and "SPSA" in code and "CFG" in code
+    assert len(code.strip().splitlines()) <= 14 and "SPSA" in code and "CFG" in code
     monkeypatch.setenv("GRADKIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(testbed, "load", functools.partial(testbed.load, "tiny", log=lambda s: None))
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})
