@@ -202,8 +202,15 @@ def run_row(row: Row, tb: T.Testbed, x0: torch.Tensor, labels: torch.Tensor, ste
     guidance = row.build(ctx)
     n = row.steps or steps
     start = time.perf_counter()
-    out = G.sample(tb.flow, x0.clone(), cond=labels, guidance=guidance, steps=n, method=row.method, seed=seed,
-                   progress=False, full_output=True)
+    try:
+        out = G.sample(tb.flow, x0.clone(), cond=labels, guidance=guidance, steps=n, method=row.method, seed=seed,
+                       progress=False, full_output=True)
+    except gk.NonFiniteError as exc:  # a diverging method is a result, not a crash of the benchmark
+        print(f"{row.label}: diverged ({exc})")
+        nan = float("nan")
+        metrics = dict.fromkeys(("accuracy", "judge_logp", "reward", "diversity", "fd", "fd_floor", "overshoot"), nan)
+        return Result(row, n, metrics, nan, ctx.reward_rows / len(labels), time.perf_counter() - start,
+                      torch.zeros_like(x0))
     seconds = time.perf_counter() - start
     metrics = tb.evaluator(out.x, labels)
     return Result(row, n, metrics, float(out.nfe), ctx.reward_rows / len(labels), seconds, out.x)
