@@ -102,6 +102,15 @@ def test_inverse_flow_map_by_backward_integration():
     assert torch.allclose(back, x0, atol=1e-5)
 
 
+def test_flow_map_function_round_trip_and_sde_refused():
+    g = G.toy.asymmetric()
+    x0 = noise(3, 2, 4)
+    y = G.flow_map(g, x0, steps=60)
+    assert torch.allclose(G.flow_map(g, y, 1.0, 0.0, steps=60), x0, atol=1e-5)
+    with pytest.raises(ValueError, match="flow map"):
+        G.flow_map(g, x0, method="sde")
+
+
 def test_grad_through_the_solve():
     g = G.toy.gaussian([0.5, 0.0], [[1.0, 0.0], [0.0, 4.0]])
     x0 = noise(3, 2).requires_grad_(True)

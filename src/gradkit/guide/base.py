@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._stateful import Stateful
 from . import _convert as C
 from .model import FlowModel, as_flow_model
 
@@ -157,14 +158,15 @@ class StepContext:
         return C.score_from_v(self.x if x is None else x, v, self.t if t is None else t)
 
 
-class Guidance:
+class Guidance(Stateful):
     """Base of every guidance method. Subclasses override one level:
 
     * :meth:`velocity` (rule level) — the guided velocity at ``ctx``; default: the conditional velocity;
     * :meth:`step` (step level) — the next state, or ``None`` to let the solver step with :meth:`velocity`;
     * :meth:`after_step` (population level) — reweight / resample the batch after each step.
 
-    :meth:`reset` is called when sampling starts (batch known). ``state_dict`` / ``load_state_dict`` carry what a
+    :meth:`reset` is called when sampling starts (batch known); :meth:`reindex` reorders per-sample state when a
+    population method resamples the batch. ``state_dict`` / ``load_state_dict`` carry what a
     resumed run needs, bit for bit. ``paper`` names the paper (``gradkit list`` shows it).
     """
 
@@ -186,12 +188,9 @@ class Guidance:
     def after_step(self, ctx: StepContext, x: Tensor) -> Tensor:
         return x
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+    def reindex(self, index: Tensor) -> None:
+        """Reorder the per-sample state after a population method resampled the batch: row ``i`` of the new batch
+        is row ``index[i]`` of the old one (default: no per-sample state)."""
 
 
 class Conditional(Guidance):

@@ -101,6 +101,9 @@ class EluCD(Guidance):
         g, _ = self.grad(ctx.x1(v), lambda xb: self.calibrated_log_ratio(self.classifier(xb), labels))
         return v + (w * (1.0 - ctx.t)) * g
 
+    def reindex(self, index: Tensor) -> None:
+        self.base.reindex(index)
+
     def state_dict(self) -> dict[str, Any]:
         return {"base": self.base.state_dict(), "grad": self.grad.state_dict()}
 

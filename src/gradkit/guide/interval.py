@@ -72,6 +72,10 @@ class GuidanceInterval(Guidance):
         on = self.active(ctx.step, ctx.num_steps, ctx.t_step)
         return (self.rule if on else self.outside).step(ctx)
 
+    def reindex(self, index: Tensor) -> None:
+        self.rule.reindex(index)
+        self.outside.reindex(index)
+
     def state_dict(self) -> dict[str, Any]:
         return {"rule": self.rule.state_dict(), "outside": self.outside.state_dict()}
 
