@@ -101,7 +101,7 @@ class StepContext:
         self.counter = counter
         self.generator = generator
         self.method = method
-        self._cache: dict[Any, Tensor] = {}
+        self._cache: dict[Any, tuple] = {}
 
     @property
     def h(self) -> float:
@@ -126,7 +126,7 @@ class StepContext:
         m = self.model if model is None else as_flow_model(model)
         key = (id(c), id(m))
         if own and key in self._cache:
-            return self._cache[key]
+            return self._cache[key][2]
         xx = self.x if x is None else x
         if rows is not None:
             xx = xx[rows]
@@ -136,7 +136,7 @@ class StepContext:
         self.counter.rows += n
         self.counter.calls += 1
         if own:
-            self._cache[key] = v
+            self._cache[key] = (c, m, v)  # holding c and m keeps their ids from being reused while cached
         return v
 
     def at(self, x: Tensor, t: float | None = None) -> StepContext:
@@ -173,8 +173,6 @@ class Guidance(Stateful):
     paper: ClassVar[str] = ""
     #: the solver methods a step-level method supports (None: all)
     methods: ClassVar[tuple[str, ...] | None] = None
-    #: whether the method differentiates (the sampler then leaves autograd on inside its calls)
-    needs_grad: ClassVar[bool] = False
 
     def reset(self, x: Tensor, num_steps: int) -> None:
         """Called once when sampling starts, with the initial state and the number of steps."""
