@@ -146,3 +146,19 @@ def test_bad_arguments():
         G.sample(g, noise(2, 2), guidance=G.CFGPlusPlus(0.5), method="rk4")
     with pytest.raises(ValueError, match="g must"):
         G.sample(g, noise(2, 2), method="sde", g=-1.0)
+
+
+def test_population_hook_resamples_rows_and_their_conditions():
+    class KeepFirstOfEachPair(G.Guidance):  # a toy "population": every odd row is replaced by its even neighbour
+        def after_step(self, ctx, x):
+            idx = torch.arange(x.shape[0]) // 2 * 2
+            return x[idx], idx
+
+    g = G.toy.ring(6, classes="parity")
+    x, cond = noise(4, 2, 1), torch.tensor([0, 1, 1, 0])
+    s = G.Sampler(g, guidance=KeepFirstOfEachPair(), steps=3)
+    out = s.run(x, cond).x
+    assert torch.equal(s.cond, torch.tensor([0, 0, 1, 1]))
+    assert torch.equal(out[0], out[1]) and torch.equal(out[2], out[3])
+    ref = G.sample(g, x[[0, 2]], cond=cond[[0, 2]], steps=3)
+    assert torch.allclose(out[[0, 2]], ref, atol=1e-14)

@@ -183,7 +183,11 @@ class Guidance(Stateful):
     def step(self, ctx: StepContext) -> Tensor | None:
         return None
 
-    def after_step(self, ctx: StepContext, x: Tensor) -> Tensor:
+    def after_step(self, ctx: StepContext, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """Population hook, called after every step with the new state (``ctx`` is at the step's end, stage −1).
+        Return the (possibly reweighted / resampled) state, or ``(x, index)`` when rows were resampled — row i of
+        the new batch descends from row ``index[i]`` — so the sampler reorders a per-row condition as well (the
+        method reorders its own per-sample state and its base rule's with :meth:`reindex`)."""
         return x
 
     def reindex(self, index: Tensor) -> None:

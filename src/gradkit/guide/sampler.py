@@ -32,7 +32,7 @@ import torch
 from .._validate import check_choice, check_int, check_nonfinite, check_nonneg
 from ..errors import NonFiniteError
 from . import _convert as C
-from .base import Conditional, Guidance, StepContext, _Counter
+from .base import Conditional, Guidance, StepContext, _Counter, index_cond
 from .model import as_flow_model
 
 Tensor = torch.Tensor
@@ -228,6 +228,9 @@ class Sampler:
                 x_next = self._solver_step(x)
             ctx_after = self._ctx(x_next, float(self.times[self.i + 1]), -1)
             x_next = self.guidance.after_step(ctx_after, x_next)
+            if isinstance(x_next, tuple):  # a population resampled its rows: (x, index), row i ← old row index[i]
+                x_next, index = x_next
+                self.cond = index_cond(self.cond, index)
         if not self.grad:
             x_next = x_next.detach()
         if self.on_nonfinite == "raise" and not bool(torch.isfinite(x_next).all()):
