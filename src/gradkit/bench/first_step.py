@@ -46,6 +46,11 @@ MODELS = {"5 tensors": 5, "40 tensors": 40}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add this benchmark's options to its ``gradkit bench`` sub-command.
+
+    Args:
+        p: The sub-command's parser.
+    """
     p.add_argument("--repeats", type=int, default=3, help="processes per cell (median reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in each process")
     p.add_argument("--only", default=None, help="comma-separated substrings of row labels to keep")
@@ -69,7 +74,15 @@ def _model(n_tensors: int):
 
 
 def worker(label: str, n_tensors: int, threads: int, steady_steps: int, import_s: float) -> dict:
-    """One timed job (runs in its own process; see the module docstring)."""
+    """One timed job (runs in its own process; see the module docstring).
+
+    Args:
+        label: A row of :data:`OPTIMIZERS`.
+        n_tensors: 5 or 40 (see the module docstring).
+        threads: torch threads.
+        steady_steps: Steps timed for the steady-state median.
+        import_s: Seconds ``import torch, gradkit`` took in this process.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -124,6 +137,11 @@ def _run(label: str, n_tensors: int, args, cache_dir: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; print its table and write it under ``args.out``. Returns the exit code.
+
+    Args:
+        args: The parsed command line.
+    """
     labels = [lab for lab in OPTIMIZERS if not args.only or any(s.strip() in lab for s in args.only.split(","))]
     caches = [c.strip() for c in args.caches.split(",") if c.strip()]
     if not labels or any(c not in ("cold", "warm") for c in caches):
