@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Stateful"]
+__all__ = ["Stage", "Stateful"]
 
 
 class Stateful:
@@ -26,3 +26,19 @@ class Stateful:
         """Restore :meth:`state_dict`'s output; a stateless piece accepts only ``{}``."""
         if state:
             raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+
+class Stage(Stateful):
+    """A stage of the data path (source, transform, controller): state plus the statistics of its last step.
+
+    The one statistics protocol: ``stats()`` returns ``{name: value}`` for the most recent step (numbers or
+    tensors; empty when there is nothing to report). :class:`gradkit.Pipeline` keys them by the stage's name and
+    :mod:`gradkit.logging` writes them. The default returns what the stage recorded in ``_last_stats``
+    (transforms record the dict their call returned); a stage may override it to compute statistics on demand.
+    """
+
+    _last_stats: dict[str, Any] | None = None
+
+    def stats(self) -> dict[str, Any]:
+        """Statistics of the most recent step (a fresh dict; empty if none)."""
+        return dict(self._last_stats or {})

@@ -81,6 +81,17 @@ class GradES(Controller):
                 self._hooks[n] = p.register_hook(self._make_hook(n))
         self.total_numel = sum(p.numel() for p in self.named.values())
 
+    @property
+    def needs_backward(self) -> bool:  # type: ignore[override]
+        return self.observe == "backward"
+
+    @property
+    def needs_transform(self) -> bool:  # type: ignore[override]
+        return self.observe == "transform"
+
+    #: As a transform it only reads ``.grad``.
+    keeps_finite = True
+
     @staticmethod
     def _select(model: nn.Module, targets: Targets) -> dict[str, torch.Tensor]:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -4,9 +4,10 @@ A gradkit optimizer is a plain ``torch.optim.Optimizer``: param groups, per-grou
 ``state_dict``/``load_state_dict``, LR schedulers and ``zero_grad`` behave as in torch. On top it adds
 
 * ``kernel=``: ``"auto" | "compiled" | "foreach" | "loop"`` (see :mod:`gradkit._kernels`);
-* ``on_nonfinite=``: ``"ignore"`` (torch's behaviour, the default: no check, no cost), ``"raise"``
-  (:class:`~gradkit.NonFiniteError` before anything changes) or ``"skip"`` (the step is skipped, parameters
-  and state untouched, ``nonfinite_skips`` counts it);
+* ``on_nonfinite=``: ``"raise"`` (the default: :class:`~gradkit.NonFiniteError` before anything changes),
+  ``"skip"`` (the step is skipped, parameters and state untouched, ``nonfinite_skips`` counts it) or
+  ``"ignore"`` (torch's behaviour: no check, no cost). The check is one fused pass over the gradients and one
+  host synchronisation; a :class:`gradkit.Pipeline` that has already checked them lets the step skip it;
 * validation of hyper-parameters, both at construction and in ``add_param_group``.
 
 Elementwise optimizers (Adam family, Lion, ...) subclass :class:`ElementwiseOptimizer` and provide an update
@@ -35,9 +36,11 @@ class Optimizer(torch.optim.Optimizer):
 
     #: Title of the paper that introduced the method (shown by ``gradkit list``).
     paper: ClassVar[str] = ""
+    #: Set by a Pipeline for the duration of one ``step()`` when it has verified the gradients are finite.
+    _grads_checked: bool = False
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, kernel: str = "auto",
-                 on_nonfinite: str = "ignore"):
+                 on_nonfinite: str = "raise"):
         self.on_nonfinite = check_nonfinite(on_nonfinite, where=type(self).__name__)
         self.kernel = resolve_kernel(kernel)
         self.nonfinite_skips = 0
@@ -71,7 +74,7 @@ class Optimizer(torch.optim.Optimizer):
     # -- step ----------------------------------------------------------------------------------------
     def _grads_ok(self, params: list[torch.Tensor]) -> bool:
         """Apply the non-finite policy; False means: skip this step."""
-        if self.on_nonfinite == "ignore" or all_finite([p.grad for p in params]):
+        if self.on_nonfinite == "ignore" or self._grads_checked or all_finite([p.grad for p in params]):
             return True
         if self.on_nonfinite == "raise":
             raise NonFiniteError(

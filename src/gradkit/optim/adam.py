@@ -47,7 +47,7 @@ class AdamW(ElementwiseOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 kernel: str = "auto", on_nonfinite: str = "ignore"):
+                 kernel: str = "auto", on_nonfinite: str = "raise"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
         super().__init__(params, defaults, kernel=kernel, on_nonfinite=on_nonfinite)
 
@@ -86,5 +86,5 @@ class Adam(AdamW):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
-                 kernel: str = "auto", on_nonfinite: str = "ignore"):
+                 kernel: str = "auto", on_nonfinite: str = "raise"):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, kernel=kernel, on_nonfinite=on_nonfinite)
