@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import gradkit as gk
 
-from .bench._common import markdown_table, out_dir, progress, pyplot
+from ._report import markdown_table, out_dir, progress, pyplot
 from .data import digits
 from .models import mlp
 
