@@ -28,7 +28,12 @@ _NO_SNAPSHOT = object()
 
 
 class Named(NamedTuple):
-    """A stage with the name it has in a :class:`Pipeline` (built by :func:`named`)."""
+    """A stage with the name it has in a :class:`Pipeline` (built by :func:`named`).
+
+    Args:
+        name: the stage's name in the Pipeline.
+        stage: the source, transform, optimizer or controller.
+    """
 
     name: str
     stage: Any
