@@ -164,6 +164,14 @@ class Pipeline:
             self._names[id(stage)] = name
             self.stages[name] = stage
 
+    # -- copies: stage names are looked up by identity, which a copy changes -------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_names"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._names = {id(stage): name for name, stage in self.stages.items()}
+
     def name_of(self, stage: Any) -> str:
         """The name of ``stage`` in this Pipeline."""
         try:

@@ -57,6 +57,11 @@ class AdamW(ElementwiseOptimizer):
         check_positive("eps", group["eps"])
         check_nonneg("weight_decay", group["weight_decay"])
 
+    def _foreign_group_keys(self) -> dict[str, Any]:
+        # torch >= 2.6 stores whether the decay is decoupled: a torch.optim.Adam(decoupled_weight_decay=True)
+        # state belongs in AdamW, and the reverse.
+        return {**super()._foreign_group_keys(), "decoupled_weight_decay": not self._coupled}
+
     def _state_keys(self, group):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
