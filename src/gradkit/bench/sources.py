@@ -43,6 +43,14 @@ HELP = "gradient sources: accuracy per forward pass and per second (digits), pea
 
 @dataclass(frozen=True)
 class Method:
+    """One benchmarked gradient source with its optimizer.
+
+    Args:
+        label: Row name.
+        calls: Closure evaluations per step.
+        source: ``source(model) -> gk.sources.Source``.
+        optimizer: ``optimizer(model) -> torch.optim.Optimizer``; None when the source is its own optimizer (ZOSGD).
+    """
     label: str
     calls: int  # closure evaluations per step
     source: Callable[[torch.nn.Module], gk.sources.Source]
@@ -66,6 +74,11 @@ METHODS: list[Method] = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add this benchmark's options to its ``gradkit bench`` sub-command.
+
+    Args:
+        p: The sub-command's parser.
+    """
     p.add_argument("--budget", type=int, default=16000, help="closure evaluations per source on digits")
     p.add_argument("--quick", action="store_true", help="budget 2000, small memory models, few timing repeats")
     p.add_argument("--only", default=None, help="comma-separated substrings of method labels")
@@ -121,7 +134,12 @@ def _memory_model(kind: str):
 
 
 def memory_child(method: str, kind: str) -> dict:
-    """Run in a fresh process: peak resident memory of one step of ``method`` above the pre-model baseline."""
+    """Run in a fresh process: peak resident memory of one step of ``method`` above the pre-model baseline.
+
+    Args:
+        method: A label of :data:`METHODS` (or ``"inference"``).
+        kind: Which model shape (activation- or parameter-heavy).
+    """
     from ..models import mlp
 
     torch.set_num_threads(1)
@@ -225,6 +243,11 @@ def _step_times(quick: bool, repeats: int) -> list[tuple[str, int, float, float]
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; print its tables and write them (and plots) under ``args.out``. Returns the exit code.
+
+    Args:
+        args: The parsed command line.
+    """
     budget = 2000 if args.quick else args.budget
     methods = [m for m in METHODS if not args.only or any(s.strip() in m.label for s in args.only.split(","))]
     out = out_dir(args.out)
