@@ -12,8 +12,9 @@ be flattened (non-contiguous, fewer than 2 elements, tensor subclasses, mixed le
 dtype signature, the CPU time the stepping thread spent there (not wall time: a busy machine must not make a short
 job look long). Once that time exceeds :func:`compile_after` seconds (default 2, the environment variable
 ``GRADKIT_COMPILE_AFTER``; ``0`` compiles from the first step, ``inf`` never), the graph is compiled in a
-background thread on the stand-in tensors while the steps go on eagerly; the first step after it is ready uses it. Short jobs (whose update rules cost less than that in total) never compile, so they run as fast
-as the eager path from the first step. Compiled and eager paths agree to float rounding (FMA contraction), not
+background thread on the stand-in tensors while the steps go on eagerly; the first step after it is ready uses it.
+Short jobs (whose update rules cost less than that in total) never compile, so they run as fast as the eager path
+from the first step. Compiled and eager paths agree to float rounding (FMA contraction), not
 bit for bit, so the step at which a run switches (which depends on timing) changes its last bits; pass
 ``kernel="foreach"`` or ``kernel="compiled"`` for a run that is bit-reproducible from one process to the next.
 ``kernel="compiled"`` compiles on first use, in the calling thread.
