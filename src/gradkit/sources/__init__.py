@@ -7,7 +7,9 @@ from .es import ES
 from .forward_gradient import ForwardGradient
 from .likelihood_ratio import LikelihoodRatio
 from .spsa import SPSA
+from .zeroth_order import ZerothOrder
 from .zosgd import ZOSGD
 
 __all__ = ["ES", "SPSA", "ZOSGD", "Backprop", "Closure", "Comparison", "ForwardGradient", "LikelihoodRatio",
-           "Source", "check_loss", "compare", "trainable_params"]
+           "Source", "ZerothOrder", "check_loss", "compare",
+           "trainable_params"]

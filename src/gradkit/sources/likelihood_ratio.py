@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .._validate import check_int, check_positive
-from ._perturb import stream_seed
+from ._perturb import call_forward_only, stream_seed
 from .base import Closure, Source, check_loss
 
 __all__ = ["SUPPORTED_LAYERS", "LikelihoodRatio"]
@@ -44,6 +44,13 @@ class LikelihoodRatio(Source):
     first pair), so it never depends on the pair's own noise and the estimate stays unbiased. The closure
     returns the batch-mean loss: noise is independent per example, so the estimate is unbiased but its
     variance grows with the batch size. Returns the mean noisy loss.
+
+    Args:
+        model: the module whose Linear/Conv layers get noise and gradients.
+        sigma: σ, the standard deviation of the output noise (default 0.1).
+        n_samples: noisy forward passes per estimate (default 16; even when antithetic).
+        seed: seed of the noise (default 0).
+        antithetic: mirrored noise pairs ε, −ε (default True).
     """
 
     paper = "One Forward is Enough for Neural Network Training via Likelihood Ratio Method"
@@ -133,8 +140,7 @@ class LikelihoodRatio(Source):
 
         handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(self.layers)]
         try:
-            with torch.no_grad():
-                loss = float(check_loss(closure()))
+            loss = float(check_loss(call_forward_only(closure, self.active_params())))
         finally:
             for h in handles:
                 h.remove()
