@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 (CPU build) lies on these machines' disk; installing it first keeps pip from fetching CUDA wheels.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean docs
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: $(VENV)/.demo
 test: $(VENV)/.test
 	$(PY) -m ruff check src tests
 	$(PY) -m pytest -n 2 --durations=15
+
+# The reference site (mkdocs-material + mkdocstrings, from the docstrings) into build/site (git-ignored);
+# --strict turns every warning (a broken link, an argument documented but absent from the signature) into a failure.
+docs: $(VENV)/.test
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 bench: $(VENV)/.test
 	$(VENV)/bin/gradkit bench optimizers --out bench-out

@@ -6,7 +6,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-NONFINITE_POLICIES = ("raise", "skip", "ignore")
+#: The one vocabulary of every stage's ``on_nonfinite`` (README, "Non-finite values"):
+#: raise = :class:`~gradkit.NonFiniteError`, nothing changed; skip = nothing changed, the event counted;
+#: worst = population stages only, non-finite members rank last; ignore = no check at all (no cost).
+NONFINITE_POLICIES = ("raise", "skip", "worst", "ignore")
+#: What a stage that is not a population (optimizers, Pipeline, single-estimate sources) can honour.
+NONFINITE_SINGLE = ("raise", "skip", "ignore")
 
 
 def _num(name: str, value: Any) -> float:
@@ -69,5 +74,20 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     return value
 
 
-def check_nonfinite(value: Any) -> str:
-    return check_choice("on_nonfinite", value, NONFINITE_POLICIES)
+def check_nonfinite(value: Any, allowed: Sequence[str] = NONFINITE_SINGLE, *, where: str = "") -> str:
+    """Validate an ``on_nonfinite`` policy at construction; returns it.
+
+    ``allowed`` is the subset of :data:`NONFINITE_POLICIES` the stage can honour (default: every value but
+    ``"worst"``, which only population stages can give a meaning). A word outside the vocabulary raises
+    ``ValueError`` listing the vocabulary; a word of the vocabulary the stage cannot honour raises ``ValueError``
+    saying so and listing what the stage accepts. ``where`` names the stage in the message (e.g. ``"AdamW"``).
+    """
+    unknown = [a for a in allowed if a not in NONFINITE_POLICIES]
+    if unknown:
+        raise ValueError(f"allowed must be a subset of {NONFINITE_POLICIES}, got {unknown}")
+    if not isinstance(value, str) or value not in NONFINITE_POLICIES:
+        raise ValueError(f"on_nonfinite must be one of {tuple(allowed)}, got {value!r}")
+    if value not in allowed:
+        at = f" by {where}" if where else " by this stage"
+        raise ValueError(f"on_nonfinite={value!r} cannot be honoured{at}; it accepts one of {tuple(allowed)}")
+    return value

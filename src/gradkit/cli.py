@@ -10,7 +10,7 @@ from collections.abc import Sequence
 __all__ = ["main", "methods"]
 
 # The packages whose public classes are methods, in data-path order.
-_STAGES = ("sources", "transforms", "optim", "control", "search")
+_STAGES = ("sources", "transforms", "optim", "control", "search", "search.spaces", "guide")
 
 
 def methods() -> list[tuple[str, str, str]]:
@@ -47,8 +47,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return args.bench_module.run(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, bench
+def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
+    """The ``gradkit`` argument parser.
+
+    Args:
+        with_bench: Load the benchmark modules (:mod:`gradkit.bench`) to build the ``bench`` sub-commands. The
+            CLI is the only place outside the benchmarks that imports them, and only when a ``bench`` command
+            (or the help) is asked for. Default True.
+    """
+    from . import __version__
     from .demo import add_arguments as demo_arguments
 
     parser = argparse.ArgumentParser(prog="gradkit", description="Train and steer PyTorch models with exact, "
@@ -63,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="every method with its paper")
     p.set_defaults(func=_cmd_list)
 
+    if not with_bench:
+        sub.add_parser("bench", help="benchmarks (gradkit bench -h lists them)")
+        return parser
+    from . import bench
+
     p = sub.add_parser("bench", help="benchmarks: " + ", ".join(bench.available()))
     bsub = p.add_subparsers(dest="bench", required=True)
     for name in bench.available():
@@ -75,7 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the ``gradkit`` command.
+
+    Args:
+        argv: Arguments without the program name; None reads ``sys.argv``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with_bench = not argv or "bench" in argv or argv[0] in ("-h", "--help")
+    args = build_parser(with_bench).parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import gradkit as gk
-from gradkit.bench._tasks import train_digits
+from gradkit.models import train_digits
 from tests.helpers import assert_parity, assert_state_dict_roundtrip, make_params, two_groups
 
 MATS = ((48, 96), (96, 48), (48, 96), (96, 48))  # equal sizes: block mode's subset size is then ∝ density

@@ -2,7 +2,7 @@
 
 The model is :class:`gradkit.models.CharTransformer` (2 pre-norm blocks, d_model 64, 4 heads, context 64,
 tied embedding, ~0.1 M parameters) trained on the text of Python's own documentation (``pydoc_data.topics``,
-shipped with CPython, so no download) through ``gk.Pipeline``; see :func:`gradkit.bench._tasks.train_char_lm`.
+shipped with CPython, so no download) through ``gk.Pipeline``; see :func:`gradkit.models.train_char_lm`.
 Everything is seeded: the same command gives the same losses on the same machine and thread count.
 
 For each optimizer a short learning-rate sweep (``LR_GRID``, 3 rates; ``--lrs N`` keeps the first N) is run
@@ -30,8 +30,8 @@ import torch
 
 import gradkit as gk
 
+from ..models import TaskResult, train_char_lm
 from ._common import machine, markdown_table, out_dir, progress, pyplot, write
-from ._tasks import TaskResult, train_char_lm
 from .optimizers import our_optimizers
 
 HELP = "character-level transformer LM on pydoc text: validation loss vs steps and wall time, per optimizer"

@@ -286,8 +286,8 @@ def run_overhead(args, out: Path) -> list[str]:
 
 # ---- ESSA-style LoRA demo ----------------------------------------------------------------------------------------
 def run_lora(args, out: Path) -> list[str]:
-    from ..bench._tasks import train_digits
     from ..data import digits
+    from ..models import train_digits
     from ._search_lora import essa_demo
 
     xtr, ytr, xte, yte = digits(seed=0)

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 import gradkit as gk
 
+from ..models import train_digits
 from ._common import machine, markdown_table, median_time, out_dir, progress, pyplot, write
-from ._tasks import train_digits
 
 HELP = "gradient sources: accuracy per forward pass and per second (digits), peak memory and step time vs inference"
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
+
+from .._stateful import Stateful
 
 __all__ = ["Controller"]
 
 
-class Controller:
+class Controller(Stateful):
     """Called after every optimizer step with the loss; may freeze parameters or ask training to stop."""
 
     paper: ClassVar[str] = ""
@@ -18,9 +20,3 @@ class Controller:
     def after_step(self, loss: torch.Tensor | float) -> None:
         raise NotImplementedError
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")

@@ -11,7 +11,9 @@ from .frugal import FRUGAL
 from .gravity import Gravity
 from .lion import Lion
 from .mars import MARS
+from .mfac import MFAC
 from .muon import Muon
+from .optimistic_amsgrad import OptimisticAMSGrad
 from .prodigy import Prodigy
 from .schedulefree import ScheduleFreeAdamW, ScheduleFreeSGD
 
@@ -31,7 +33,9 @@ __all__ = [
     "LDoG",
     "Lion",
     "MARS",
+    "MFAC",
     "Muon",
+    "OptimisticAMSGrad",
     "Optimizer",
     "PolynomialDecayAverager",
     "Prodigy",

@@ -38,7 +38,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, kernel: str = "auto",
                  on_nonfinite: str = "ignore"):
-        self.on_nonfinite = check_nonfinite(on_nonfinite)
+        self.on_nonfinite = check_nonfinite(on_nonfinite, where=type(self).__name__)
         self.kernel = resolve_kernel(kernel)
         self.nonfinite_skips = 0
         self._check_group(dict(defaults))

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._stateful import Stateful
 from ..errors import NonFiniteError
 
 __all__ = ["Closure", "Source", "check_loss", "trainable_params"]
@@ -51,7 +52,7 @@ def check_loss(loss: Any, *, needs_grad: bool = False, where: str = "closure") -
     return loss.reshape(())
 
 
-class Source:
+class Source(Stateful):
     """How a gradient is obtained. ``estimate(closure)`` returns the loss and overwrites ``.grad``.
 
     ``closure`` is a zero-argument callable returning a scalar loss tensor; it must not call ``backward``.
@@ -69,12 +70,6 @@ class Source:
     def estimate(self, closure: Closure) -> torch.Tensor:
         raise NotImplementedError
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
 
     def active_params(self) -> list[torch.Tensor]:
         """Parameters still trainable now (a controller may have frozen some since construction)."""

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._validate import check_choice, check_int
+from .._validate import check_int, check_nonfinite
 from ..distributed import Comm, resolve_comm
 from ..errors import NonFiniteError
 from ._perturb import Perturbation, finite_mean
@@ -67,7 +67,7 @@ class ZerothOrder(Source):
                  on_nonfinite: str = "raise"):
         super().__init__(model_or_params)
         self.seed = check_int("seed", seed, 0)
-        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, self.nonfinite_policies)
+        self.on_nonfinite = check_nonfinite(on_nonfinite, self.nonfinite_policies, where=type(self).__name__)
         self.perturbation = Perturbation(self.params, self.seed, distribution, exact=exact_restore)
         self.distribution = distribution
         self.exact_restore = bool(exact_restore)

@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._stateful import Stateful
+
 __all__ = ["Transform", "grads_of"]
 
 
@@ -16,7 +18,7 @@ def grads_of(params: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], list[t
     return ps, [p.grad for p in ps]
 
 
-class Transform:
+class Transform(Stateful):
     """Edits ``.grad`` of the given parameters in place and returns a dict of statistics.
 
     Stateful transforms keep their state in plain tensors/numbers and round-trip through ``state_dict()``.
@@ -28,9 +30,3 @@ class Transform:
     def __call__(self, params: Iterable[torch.Tensor]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import gradkit as gk
 
+from ...models import TaskResult, train_char_lm, train_digits
 from .._common import markdown_table, progress, pyplot
-from .._tasks import TaskResult, train_char_lm, train_digits
 
 NAME = "grades"
 CLAIM = ('"GradES: Significantly Faster Training in Transformers with Gradient-Based Early Stopping": freezing '

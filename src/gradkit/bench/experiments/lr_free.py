@@ -17,8 +17,8 @@ import torch
 import gradkit as gk
 
 from ...data import digits
+from ...models import train_digits
 from .._common import markdown_table, progress, pyplot
-from .._tasks import train_digits
 
 NAME = "lr_free"
 CLAIM = ('"DoG is SGD\'s Best Friend: A Parameter-Free Dynamic Step Size Schedule": DoG, with no learning rate '

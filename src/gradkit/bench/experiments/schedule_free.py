@@ -18,8 +18,8 @@ import torch
 import gradkit as gk
 
 from ...data import digits
+from ...models import train_char_lm, train_digits
 from .._common import markdown_table, progress, pyplot
-from .._tasks import train_char_lm, train_digits
 
 NAME = "schedule_free"
 CLAIM = ('"The Road Less Scheduled": Schedule-Free AdamW, with no schedule and no stopping time, matches AdamW '

@@ -1,0 +1,173 @@
+"""Every public class and function of gradkit documents itself and each of its arguments (Google style).
+
+The reference site (``make docs``) is generated from these docstrings by mkdocstrings; ``mkdocs build --strict``
+fails on an argument documented but absent from the signature, and this test fails on the converse: a public
+class or function without a docstring, or with an argument its ``Args:`` section does not describe.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+griffe = pytest.importorskip("griffe", reason="griffe (installed with mkdocstrings-python, the docs extra) parses "
+                             "the Google-style docstrings")
+
+# The packages with an API page on the docs site (docs/api/*.md). Integrations are optional extras: their modules
+# are checked when the framework they glue imports.
+PUBLIC_MODULES = ["gradkit", "gradkit.sources", "gradkit.transforms", "gradkit.optim", "gradkit.control",
+                  "gradkit.search", "gradkit.search.spaces", "gradkit.search.functions", "gradkit.distributed",
+                  "gradkit.logging", "gradkit.guide", "gradkit.integrations", "gradkit.integrations.lightning",
+                  "gradkit.integrations.transformers", "gradkit.integrations.diffusers"]
+
+
+def _public_objects():
+    seen: set[int] = set()
+    for name in PUBLIC_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and not exc.name.startswith("gradkit"):
+                continue  # the optional framework is not installed: nothing of this module can be used either
+            if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
+                continue  # the package does not exist (yet)
+            raise
+        for attr in getattr(mod, "__all__", []):
+            obj = getattr(mod, attr)
+            if not (inspect.isclass(obj) or inspect.isfunction(obj)) or id(obj) in seen:
+                continue
+            if not getattr(obj, "__module__", "").startswith("gradkit"):
+                continue
+            seen.add(id(obj))
+            yield f"{obj.__module__}.{obj.__qualname__}", obj
+
+
+def _documented_args(doc: str) -> set[str]:
+    parsed = griffe.Docstring(inspect.cleandoc(doc), parser="google").parse()
+    names: set[str] = set()
+    for section in parsed:
+        if section.kind.value in ("parameters", "other parameters"):
+            for p in section.value:
+                names.update(n.strip().lstrip("*") for n in p.name.split(","))
+    return names
+
+
+def _missing(obj) -> str | None:
+    own_doc = obj.__doc__ if inspect.isclass(obj) else inspect.getdoc(obj)
+    if not own_doc or not own_doc.strip():
+        return "no docstring"
+    target = obj.__init__ if inspect.isclass(obj) else obj
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    wanted = [p.name for p in sig.parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in ("self", "cls")]
+    if not wanted:
+        return None
+    docs = own_doc
+    if inspect.isclass(obj) and "__init__" in vars(obj) and target.__doc__:
+        docs = docs + "\n\n" + inspect.cleandoc(target.__doc__)
+    logging.getLogger("griffe").setLevel(logging.ERROR)
+    documented = _documented_args(docs)
+    absent = [n for n in wanted if n not in documented]
+    if absent:
+        return f"Args: section does not describe {', '.join(absent)}"
+    return None
+
+
+def public_api_gaps() -> dict[str, str]:
+    """``{qualified name: what is missing}`` over the public API."""
+    return {name: why for name, obj in _public_objects() if (why := _missing(obj))}
+
+
+# Undocumented when this test was written, while every helper was adding Args: sections: shrinks to nothing by the
+# end of the wave (a name leaves the list when its docstring is complete; a NEW public name is never added here).
+KNOWN_GAPS = {
+    "gradkit.control.early_stopping.EarlyStopping",
+    "gradkit.control.grades.GradES",
+    "gradkit.distributed.Comm",
+    "gradkit.distributed.is_distributed",
+    "gradkit.distributed.resolve_comm",
+    "gradkit.logging.StatsLogger",
+    "gradkit.logging.flatten_stats",
+    "gradkit.optim._base.ElementwiseOptimizer",
+    "gradkit.optim._base.Optimizer",
+    "gradkit.optim.adahessian.AdaHessian",
+    "gradkit.optim.adam.Adam",
+    "gradkit.optim.adam.AdamW",
+    "gradkit.optim.ademamix.AdEMAMix",
+    "gradkit.optim.dadaptation.DAdaptAdam",
+    "gradkit.optim.dadaptation.DAdaptSGD",
+    "gradkit.optim.diffgrad.DiffGrad",
+    "gradkit.optim.dog.DoG",
+    "gradkit.optim.dog.LDoG",
+    "gradkit.optim.dog.PolynomialDecayAverager",
+    "gradkit.optim.frugal.FRUGAL",
+    "gradkit.optim.gravity.Gravity",
+    "gradkit.optim.lion.Lion",
+    "gradkit.optim.mars.MARS",
+    "gradkit.optim.muon.Muon",
+    "gradkit.optim.prodigy.Prodigy",
+    "gradkit.optim.schedulefree.ScheduleFreeAdamW",
+    "gradkit.optim.schedulefree.ScheduleFreeSGD",
+    "gradkit.pipeline.Pipeline",
+    "gradkit.search.cem.CEM",
+    "gradkit.search.cmaes.CMAES",
+    "gradkit.search.minimize.SearchResult",
+    "gradkit.search.functions.ellipsoid",
+    "gradkit.search.functions.rastrigin",
+    "gradkit.search.functions.rosenbrock",
+    "gradkit.search.functions.sphere",
+    "gradkit.search.minimize.minimize",
+    "gradkit.search.openai_es.OpenAIES",
+    "gradkit.search.pgpe.PGPE",
+    "gradkit.search.sep_cmaes.SepCMAES",
+    "gradkit.search.snes.SNES",
+    "gradkit.search.spaces.LoRASingularValues",
+    "gradkit.sources.backprop.Backprop",
+    "gradkit.sources.base.Source",
+    "gradkit.sources.base.check_loss",
+    "gradkit.sources.base.trainable_params",
+    "gradkit.sources.diagnostics.Comparison",
+    "gradkit.sources.diagnostics.compare",
+    "gradkit.sources.es.ES",
+    "gradkit.sources.forward_gradient.ForwardGradient",
+    "gradkit.sources.likelihood_ratio.LikelihoodRatio",
+    "gradkit.sources.spsa.SPSA",
+    "gradkit.sources.zosgd.ZOSGD",
+    "gradkit.transforms.agc.AGC",
+    "gradkit.transforms.autoclip.AutoClip",
+    "gradkit.transforms.base.grads_of",
+    "gradkit.transforms.clip_norm.ClipNorm",
+    "gradkit.transforms.clip_norm.ClipValue",
+    "gradkit.transforms.grad_stats.GradStats",
+    "gradkit.transforms.grokfast.Grokfast",
+    "gradkit.transforms.zclip.ZClip",
+}
+
+
+def test_every_public_class_and_function_documents_every_argument():
+    gaps = {k: v for k, v in public_api_gaps().items() if k not in KNOWN_GAPS}
+    assert not gaps, "undocumented public API (Google style: a docstring with an Args: section naming every " \
+        "argument):\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(gaps.items()))
+
+
+def test_every_public_module_has_a_reference_page():
+    api = Path(__file__).resolve().parents[2] / "docs" / "api"
+    rendered = {m.group(1) for page in api.glob("*.md")
+                for m in re.finditer(r"^:::\s*([\w.]+)", page.read_text(encoding="utf-8"), flags=re.M)}
+    missing = []
+    for name in PUBLIC_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue  # an optional framework, or a package not written yet
+        if name != "gradkit" and name not in rendered:
+            missing.append(name)
+    assert not missing, f"no docs/api/*.md page renders {missing} (add a '::: module' line)"
