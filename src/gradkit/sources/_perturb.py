@@ -54,6 +54,14 @@ _MASK64 = (1 << 64) - 1
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit pattern of a float tensor (a view as the integer type of the same width)."""
+    return t.view(_INT_OF_SIZE[t.element_size()])
+
+
 def _pack(mask: torch.Tensor) -> torch.Tensor:
     """A bool vector as a bitmask, 8 elements per byte (numpy's packbits on CPU)."""
     if mask.device.type == "cpu":
@@ -394,7 +402,7 @@ class Perturbation:
         p_l, q_l = seg[pos], back[pos]
         ulp = self._ulp(q_l)
         code = torch.nan_to_num((p_l - q_l) / ulp).round_().clamp_(-127, 127).to(torch.int8)
-        ok = (q_l + code.to(seg.dtype) * ulp) == p_l  # NaN never compares equal: it keeps its full value
+        ok = _bits(q_l + code.to(seg.dtype) * ulp) == _bits(p_l)  # else (−0.0, NaN, |k| > 127): full value
         rec.code = ring.put(code)
         if not bool(ok.all()):
             bad = (~ok).nonzero().view(-1)
@@ -419,7 +427,8 @@ class Perturbation:
             return None
         moved = torch.add(seg, d, out=self._buffer("moved", seg, seg.numel()))
         back = torch.sub(moved, d, out=d)  # d is no longer needed: it now holds fl(fl(p + d) − d)
-        lossy = torch.ne(back, seg, out=self._buffer("lossy", seg, seg.numel(), torch.bool))
+        # Compared as bit patterns: −0.0 vs +0.0 and NaN payloads count, so restoration is exact to the bit.
+        lossy = torch.ne(_bits(back), _bits(seg), out=self._buffer("lossy", seg, seg.numel(), torch.bool))
         record = self._encode(seg, back, lossy)
         seg.copy_(moved)
         return record

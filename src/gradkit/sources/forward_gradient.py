@@ -120,6 +120,11 @@ class ForwardGradient(Source):
                 mod._parameters[name] = duals[j]
             try:
                 out = closure()
+            except RuntimeError as exc:
+                if "does not require grad" in str(exc):  # the closure tried to back-propagate through the duals
+                    watch.restore()
+                    raise grad_enabled_error("closure") from exc
+                raise
             finally:
                 for mod, name, j in slots:
                     mod._parameters[name] = active[j]

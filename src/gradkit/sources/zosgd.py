@@ -36,13 +36,16 @@ def _plain(method: Any) -> Any:
     return getattr(method, "__wrapped__", method)
 
 
-def _groups(model_or_params: Any) -> list[dict[str, Any]] | None:
-    """The parameter groups when ``model_or_params`` is a list of dicts (torch's param-group form), else None."""
+def _groups(model_or_params: Any) -> tuple[Any, list[dict[str, Any]] | None]:
+    """``(params, groups)``: groups when ``model_or_params`` is torch's list of param-group dicts, else None.
+
+    An iterator (e.g. ``model.parameters()``) is read once, here, and returned as a list.
+    """
     if isinstance(model_or_params, (torch.nn.Module, torch.Tensor)):
-        return None
+        return model_or_params, None
     items = list(model_or_params)
     if not items or not isinstance(items[0], dict):
-        return None
+        return items, None
     groups = []
     for g in items:
         if not isinstance(g, dict) or "params" not in g:
@@ -50,7 +53,7 @@ def _groups(model_or_params: Any) -> list[dict[str, Any]] | None:
                              f"got {g!r}")
         ps = g["params"]
         groups.append({**g, "params": [ps] if isinstance(ps, torch.Tensor) else list(ps)})
-    return groups
+    return [p for g in groups for p in g["params"]], groups
 
 
 class ZOSGD(SPSA, _Optimizer):
@@ -98,9 +101,7 @@ class ZOSGD(SPSA, _Optimizer):
                  lr: float = 1e-3, eps: float = 1e-3, n_directions: int = 1, *, weight_decay: float = 0.0,
                  seed: int = 0, distribution: str = "gaussian", exact_restore: bool = True,
                  comm: Comm | str | None = "auto", on_nonfinite: str = "raise"):
-        groups = _groups(model_or_params)
-        if groups is not None:
-            model_or_params = [p for g in groups for p in g["params"]]
+        model_or_params, groups = _groups(model_or_params)
         check_positive("lr", lr)
         check_nonneg("weight_decay", weight_decay)
         self._frozen_groups = False
