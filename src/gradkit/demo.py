@@ -156,7 +156,7 @@ def guided_panel(out: str | Path, *, quick: bool = False, seed: int = 0, budget:
 
     if quick and budget == "full" and not testbed.is_cached(budget):
         print(f"{GUIDED_LABEL}: skipped with --quick, the digits test-bed is not cached yet "
-              "(`gradkit demo --only guided` trains it once, about a minute)")
+              "(`gradkit demo --only guided` trains it once, a few minutes)")
         return 0
     tb = testbed.load(budget)
     per = 3 if quick else 6
@@ -168,7 +168,7 @@ def guided_panel(out: str | Path, *, quick: bool = False, seed: int = 0, budget:
 
     spsa = functools.partial(gk.sources.SPSA, eps=1e-2, n_directions=8, seed=seed)
     runs = [("conditional", None), ("CFG w=2", gk.guide.CFG(2.0)),
-            ("CFG w=2 + ink reward (SPSA, 8 directions)", gk.guide.MPGD(ink, 20.0, base=gk.guide.CFG(2.0),
+            ("CFG w=2 + ink reward (SPSA, 8 directions)", gk.guide.MPGD(ink, 2.0, base=gk.guide.CFG(2.0),
                                                                         source=spsa))]
     rows, panels = [], []
     for label, guidance in runs:

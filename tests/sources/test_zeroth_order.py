@@ -53,7 +53,7 @@ def test_skip_changes_nothing_counts_and_the_next_step_is_the_step_that_would_ha
     before = _params(model)
     src = ZO[name](model, on_nonfinite="skip")
     loss = src.estimate(_nan_at(closure, 2))
-    assert math.isnan(float(loss)) and src.n_skipped == 1 and src.step_count == 0
+    assert math.isnan(float(loss)) and src.nonfinite_skips == 1 and src.step_count == 0
     assert _same(before, _params(model)) and all(p.grad is None for p in model.parameters())
     src.estimate(closure)
     twin, twin_closure = _problem()

@@ -53,16 +53,19 @@ class ForwardGradient(Source):
         n_directions: K, forward-mode passes averaged per estimate (default 1).
         seed: seed of the directions v (default 0).
         guess: optional callable returning guessed directions u (default None: random v ~ N(0, I)).
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` (see :class:`~gradkit.sources.Source`).
     """
 
     paper = "Gradients without Backpropagation"
 
+    self_guarded = True
+
     def __init__(self, model: torch.nn.Module, n_directions: int = 1, *, seed: int = 0,
-                 guess: Guess | None = None):
+                 guess: Guess | None = None, on_nonfinite: str = "raise"):
         if not isinstance(model, torch.nn.Module):
             raise ValueError("model must be a torch.nn.Module: ForwardGradient swaps its parameters for dual "
                              f"tensors while the closure runs, got {type(model).__name__}")
-        super().__init__(model)
+        super().__init__(model, on_nonfinite=on_nonfinite)
         if guess is not None and not callable(guess):
             raise ValueError(f"guess must be a zero-argument callable returning directions, got {guess!r}")
         self.model = model
@@ -139,13 +142,17 @@ class ForwardGradient(Source):
                 raise ValueError("the closure's loss does not depend on the model's trainable parameters "
                                  "(no forward-mode tangent reached it), so there is no gradient to estimate")
             dd = tangent.detach().reshape(loss.shape).to(torch.float64)
-        if not bool(torch.isfinite(loss).all()):
-            raise NonFiniteError(f"the closure returned a non-finite loss ({loss.tolist()}); nothing was updated")
-        if not bool(torch.isfinite(dd).all()):
-            raise NonFiniteError(f"the directional derivative is non-finite ({dd.tolist()}); nothing was updated")
+        if self.on_nonfinite != "ignore":
+            if not bool(torch.isfinite(loss).all()):
+                raise NonFiniteError(f"the closure returned a non-finite loss ({loss.tolist()}); nothing was updated")
+            if not bool(torch.isfinite(dd).all()):
+                raise NonFiniteError(f"the directional derivative is non-finite ({dd.tolist()}); nothing was updated")
         return loss, dd
 
     def estimate(self, closure: Closure) -> torch.Tensor:
+        return self._guarded(self.active_params(), lambda: self._estimate(closure))
+
+    def _estimate(self, closure: Closure) -> torch.Tensor:
         active = self.active_params()
         active_idx = [i for i, p in enumerate(self.params) if p.requires_grad]
         acc: list[torch.Tensor] | None = None

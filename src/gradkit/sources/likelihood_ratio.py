@@ -51,16 +51,19 @@ class LikelihoodRatio(Source):
         n_samples: noisy forward passes per estimate (default 16; even when antithetic).
         seed: seed of the noise (default 0).
         antithetic: mirrored noise pairs ε, −ε (default True).
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` (see :class:`~gradkit.sources.Source`).
     """
 
     paper = "One Forward is Enough for Neural Network Training via Likelihood Ratio Method"
 
+    self_guarded = True
+
     def __init__(self, model: nn.Module, sigma: float = 0.1, n_samples: int = 16, *, seed: int = 0,
-                 antithetic: bool = True):
+                 antithetic: bool = True, on_nonfinite: str = "raise"):
         if not isinstance(model, nn.Module):
             raise ValueError("model must be a torch.nn.Module: LikelihoodRatio hooks its layers, "
                              f"got {type(model).__name__}")
-        super().__init__(model)
+        super().__init__(model, on_nonfinite=on_nonfinite)
         self.sigma = check_positive("sigma", sigma)
         self.n_samples = check_int("n_samples", n_samples, 2 if antithetic else 1)
         if antithetic and n_samples % 2:
@@ -140,13 +143,17 @@ class LikelihoodRatio(Source):
 
         handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(self.layers)]
         try:
-            loss = float(check_loss(call_forward_only(closure, self.active_params())))
+            loss = float(check_loss(call_forward_only(closure, self.active_params()),
+                                    finite=self.on_nonfinite != "ignore"))
         finally:
             for h in handles:
                 h.remove()
         return loss, scores
 
     def estimate(self, closure: Closure) -> torch.Tensor:
+        return self._guarded(self.active_params(), lambda: self._estimate(closure))
+
+    def _estimate(self, closure: Closure) -> torch.Tensor:
         active = self.active_params()
         acc = {id(p): torch.zeros_like(p) for p in active}
         n = self.n_samples

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._validate import check_int, check_nonfinite
+from .._validate import check_int
 from ..distributed import Comm, resolve_comm
 from ..errors import NonFiniteError
 from ._perturb import Perturbation, finite_mean
@@ -51,28 +51,28 @@ class ZerothOrder(Source):
         comm: ``"auto"`` (split the work across ranks when torch.distributed is initialised), None, or a
             :class:`gradkit.distributed.Comm`.
         on_nonfinite: what a NaN/Inf loss does — ``"raise"`` (default: :class:`~gradkit.NonFiniteError` at the
-            first one, parameters restored, nothing written), ``"skip"`` (the same, but counted in ``n_skipped``
-            instead of raised: no gradient is written — ``.grad`` is set to None — the step counter does not move
-            and the non-finite mean loss is returned), ``"ignore"`` (no check: the estimate carries the NaN), and
-            for population methods ``"worst"`` (non-finite members rank last / get weight 0).
+            first one, parameters restored, nothing written), ``"skip"`` (the same, but counted in
+            ``nonfinite_skips`` instead of raised: no gradient is written — ``.grad`` is set to None — the step
+            counter does not move and NaN is returned), ``"ignore"`` (no check: the estimate carries the NaN),
+            and for population methods ``"worst"`` (non-finite members rank last / get weight 0).
     """
 
     #: evaluations per item (SPSA: the two sides of a direction; ES: one member)
     per_item: ClassVar[int] = 1
     #: the non-finite policies this method can honour
     nonfinite_policies: ClassVar[tuple[str, ...]] = ("raise", "skip", "ignore")
+    #: ``estimate`` applies ``on_nonfinite`` and rolls back on any error itself (see :meth:`Source._guarded`)
+    self_guarded: ClassVar[bool] = True
 
     def __init__(self, model_or_params: torch.nn.Module | Iterable[torch.Tensor], *, seed: int = 0,
                  distribution: str = "gaussian", exact_restore: bool = True, comm: Comm | str | None = "auto",
                  on_nonfinite: str = "raise"):
-        super().__init__(model_or_params)
+        super().__init__(model_or_params, on_nonfinite=on_nonfinite)
         self.seed = check_int("seed", seed, 0)
-        self.on_nonfinite = check_nonfinite(on_nonfinite, self.nonfinite_policies, where=type(self).__name__)
         self.perturbation = Perturbation(self.params, self.seed, distribution, exact=exact_restore)
         self.distribution = distribution
         self.exact_restore = bool(exact_restore)
         self.step_count = 0
-        self.n_skipped = 0
         self.comm = resolve_comm(comm, self.seed)
 
     # -- the estimator (what a subclass defines) --------------------------------------------------------
@@ -140,38 +140,23 @@ class ZerothOrder(Source):
         m = finite_mean(flat) if self.on_nonfinite == "worst" else flat.mean()
         return m.to(torch.float32)
 
-    def _skip(self) -> torch.Tensor:
-        self.n_skipped += 1
-        for p in self.active_params():
-            p.grad = None
-        batch = self.perturbation.batch_size()
-        return torch.full((batch,) if self._batched_last and batch is not None else (), float("nan"))
-
     def estimate(self, closure: Closure) -> torch.Tensor:
-        self._batched_last = False
+        return self._guarded(self.active_params(), lambda: self._estimate(closure))
+
+    def _estimate(self, closure: Closure) -> torch.Tensor:
+        losses = self.gather(closure, keep_last=True)
         try:
-            losses = self.gather(closure, keep_last=True)
-        except NonFiniteError:
-            if self.on_nonfinite != "skip":
-                raise
-            return self._skip()
-        self._batched_last = losses.dim() == 3
-        if self.on_nonfinite == "worst" and not bool(torch.isfinite(losses).any()):
-            self.perturbation.release()
-            raise NonFiniteError("every loss of the population is non-finite; nothing to rank "
-                                 "(on_nonfinite='worst'); nothing was updated")
-        try:
+            if self.on_nonfinite == "worst" and not bool(torch.isfinite(losses).any()):
+                raise NonFiniteError("every loss of the population is non-finite; nothing to rank "
+                                     "(on_nonfinite='worst'); nothing was updated")
             self.write(losses)
         finally:
             self.perturbation.release()
         return self.mean_loss(losses)
 
-    _batched_last = False
-
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step_count, "seed": self.seed, "skipped": self.n_skipped}
+        return {"step": self.step_count, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_count = int(state["step"])
         self.seed = self.perturbation.seed = int(state["seed"])
-        self.n_skipped = int(state.get("skipped", 0))

@@ -79,7 +79,7 @@ class ZOSGD(SPSA, _Optimizer):
     optimization wraps the training step and the backward pass in the closure) raises ``RuntimeError`` with
     what to do instead, after the first evaluation, with parameters and ``.grad`` as they were. A non-finite
     loss raises :class:`~gradkit.NonFiniteError` before anything moves (``on_nonfinite="skip"``: nothing moves
-    and the step is counted in ``n_skipped``). Shifts are undone bit-exactly (see
+    and the step is counted in ``nonfinite_skips``). Shifts are undone bit-exactly (see
     :mod:`gradkit.sources._perturb`); ``exact_restore=False`` drops that record, as MeZO does.
 
     Args:
