@@ -11,6 +11,7 @@ is refused), per-sample (batched) closures, and the state that makes a run resum
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -25,7 +26,7 @@ from .base import Closure, Source
 __all__ = ["ZerothOrder"]
 
 
-class ZerothOrder(Source):
+class ZerothOrder(Source, metaclass=ABCMeta):
     """Base class of the sources that estimate a gradient from loss values at seeded parameter shifts.
 
     A subclass states its estimator and nothing else:
@@ -77,18 +78,18 @@ class ZerothOrder(Source):
 
     # -- the estimator (what a subclass defines) --------------------------------------------------------
     @property
+    @abstractmethod
     def n_items(self) -> int:
         """Units of work per step (split across ranks)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def shifts(self, item: int) -> list[tuple[int, float]]:
         """The ``per_item`` evaluations of ``item``: ``(direction index, offset a)`` for ``θ + a·z_k``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def weights(self, losses: torch.Tensor) -> tuple[Sequence[int], torch.Tensor]:
         """From every item's losses ``[n_items, per_item]`` (``[n_items, per_item, B]`` for a batched closure) to
         ``(ks, w)``: the directions and their coefficients ``w`` (``[len(ks)]``, or ``[len(ks), B]``) in ``ĝ``."""
-        raise NotImplementedError
 
     # -- the machinery --------------------------------------------------------------------------------------
     def scalars(self, closure: Closure, items: Sequence[int], *, keep_last: bool = False) -> torch.Tensor:
