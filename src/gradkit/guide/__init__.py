@@ -24,13 +24,13 @@ from .flowchef import FlowChef
 from .gfcg import GFCG
 from .interval import GuidanceInterval
 from .model import FlowModel, as_flow_model, vp_cosine_time, vp_discrete_time
-from .sampler import METHODS, SampleOutput, Sampler, context, guided_velocity, sample, time_grid
+from .sampler import METHODS, SampleOutput, Sampler, context, flow_map, guided_velocity, sample, time_grid
 from .tfg import DPS, MPGD, TFG, FreeDoM
 
 __all__ = [
     "APG", "CFG", "DPS", "GFCG", "METHODS", "MPGD", "SAME", "TFG", "AdaptiveGuidance", "Autoguidance", "CFGPlusPlus",
     "CFGZeroStar", "ClassifierGuidance", "Conditional", "EluCD", "FlowChef", "FlowModel", "FreeDoM", "Guidance",
     "GuidanceInterval", "SampleOutput", "Sampler", "StepContext", "Unconditional", "as_flow_model", "cfg", "context",
-    "guided_velocity",
+    "flow_map", "guided_velocity",
     "optimized_scale", "relu_to_softplus", "sample", "time_grid", "toy", "vp_cosine_time", "vp_discrete_time",
 ]
