@@ -160,7 +160,7 @@ class _Population(Guidance):
         self.rows = range(0)
         self.total = 0
         self.num_steps = 0
-        self._vcache: tuple[int, int, Tensor] | None = None   # (step, data_ptr, velocity) at a step's start
+        self._vcache: tuple[int, Tensor, Tensor] | None = None   # (step, state, velocity) at a step's start
 
     # -- pickling: a Comm holds a process group
     def __getstate__(self) -> dict[str, Any]:
@@ -201,13 +201,16 @@ class _Population(Guidance):
     # -- velocity (with the cache filled by after_step at the next step's start point)
     def velocity(self, ctx: StepContext) -> Tensor:
         c = self._vcache
-        if c is not None and ctx.stage == 0 and ctx.step == c[0] and ctx.x.data_ptr() == c[1]:
+        if c is not None and ctx.stage == 0 and ctx.step == c[0] and ctx.x.data_ptr() == c[1].data_ptr() \
+                and ctx.x.shape == c[1].shape:
             self._vcache = None
             return c[2]
         return self.base.velocity(ctx)
 
     def _remember_velocity(self, step: int, x: Tensor, v: Tensor) -> None:
-        self._vcache = (step, x.data_ptr(), v)
+        # the state itself is kept (not only its address): its memory cannot be reused by another tensor while
+        # cached, and a deep copy / pickle of a sampler state keeps it aliased with the sampler's x
+        self._vcache = (step, x, v)
 
     def _next_velocity(self, ctx: StepContext) -> Tensor:
         """The base velocity at the state just reached, evaluated as the next step's first evaluation (so rules

@@ -41,7 +41,8 @@ class LookAheadSearch(_Population):
     Args:
         reward: ``reward(x1) -> [B]``, any callable on a batch of samples (a black box is fine).
         n_candidates: R, candidate continuations per particle and decision (default 10, Free²Guide's).
-        block: B, steps per decision (default 1; CoDe's blocks for B > 1, which need :meth:`run` for the grid).
+        block: B, steps per decision (default 1; CoDe's blocks for B > 1: the sampler's grid must be uniform,
+            or sample with :meth:`run`, which knows any grid).
         start: first decision step (default 0).
         stop: decisions happen before this step (default: every step).
         select: ``"argmax"`` (default) or ``"softmax"`` (a candidate drawn ∝ exp(r/λ)).
@@ -87,7 +88,7 @@ class LookAheadSearch(_Population):
         self.initial_noise = bool(initial_noise)
         self.g = _g_fn(g)
         self.decisions: list[tuple[int, Tensor, Tensor]] = []
-        self._queue: list[Tensor] = []
+        self._queue: list[tuple[float, Tensor]] = []
 
     def reset(self, x: Tensor, num_steps: int) -> None:
         super().reset(x, num_steps)
@@ -106,7 +107,11 @@ class LookAheadSearch(_Population):
 
     def step(self, ctx: StepContext) -> Tensor | None:
         if self._queue:
-            return self._queue.pop(0)
+            t_expected, x_next = self._queue.pop(0)
+            if abs(ctx.t - t_expected) > 1e-9:
+                raise RuntimeError("the sampler's time grid is not uniform: blocks (block > 1) outside .run(...) "
+                                   "assume one; sample with .run(..., times=...) instead")
+            return x_next
         if self.is_decision(ctx.step, ctx.num_steps):
             return self._search(ctx)
         return super().step(ctx)
@@ -123,10 +128,10 @@ class LookAheadSearch(_Population):
         nb = min(self.block, ctx.num_steps - s)
         if nb == 1:
             grid = [ctx.t, ctx.t_next]
-        elif self._times is None:
-            raise RuntimeError("block > 1 needs the time grid beyond the current step: sample with .run(...)")
-        else:
+        elif self._times is not None:
             grid = [float(t) for t in self._times[s:s + nb + 1]]
+        else:  # outside run(): assume the sampler's grid is uniform; every queued step checks it
+            grid = _uniform_grid(ctx, nb)
         rep = torch.arange(b, device=x.device).repeat_interleave(R)
         xs = x[rep]
         shared = not (self.initial_noise and s == 0 and R > 1)
@@ -169,10 +174,10 @@ class LookAheadSearch(_Population):
             pick = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1).clamp_(max=R - 1)
         rows = torch.arange(b) * R + pick
         self.decisions.append((s, pick.clone(), r.clone()))
-        self._queue = [st[rows] for st in states[1:]]
+        self._queue = [(grid[j + 1], st[rows]) for j, st in enumerate(states[1:])]
         out = states[0][rows]
         if v_end is not None:
-            last = self._queue[-1] if self._queue else out
+            last = self._queue[-1][1] if self._queue else out
             self._remember_velocity(s + nb, last, v_end[rows])
         return out
 
@@ -200,12 +205,26 @@ class LookAheadSearch(_Population):
 
     def state_dict(self) -> dict[str, Any]:
         return {**self._base_state(), "decisions": [(s, p.clone(), r.clone()) for s, p, r in self.decisions],
-                "queue": list(self._queue)}
+                "queue": [(t, q) for t, q in self._queue]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._load_base_state(state)
         self.decisions = [(int(s), p.clone(), r.clone()) for s, p, r in state["decisions"]]
-        self._queue = list(state["queue"])
+        self._queue = [(float(t), q) for t, q in state["queue"]]
+
+
+def _uniform_grid(ctx: StepContext, nb: int) -> list[float]:
+    """The times ``t_s … t_{s+nb}`` of a uniform grid through the current step, rebuilt the way the sampler builds
+    one (``time_grid``) so the values agree to the last bit when the grid is the sampler's default."""
+    from .sampler import time_grid
+
+    t0 = round(ctx.t - ctx.step * ctx.h, 12)
+    t1 = round(t0 + ctx.num_steps * ctx.h, 12)
+    grid = time_grid(ctx.num_steps, t0, t1)
+    s = ctx.step
+    if abs(float(grid[s]) - ctx.t) < 1e-12 and abs(float(grid[s + 1]) - ctx.t_next) < 1e-12:
+        return [float(t) for t in grid[s:s + nb + 1]]
+    return [ctx.t + j * ctx.h for j in range(nb)] + [min(ctx.t + nb * ctx.h, 1.0)]
 
 
 class Free2Guide(LookAheadSearch):
