@@ -29,8 +29,8 @@ def test_pipeline_stats_and_controller_stats_reach_the_csv(tmp_path):
             log.log_pipeline(pipe, loss=loss)
     rows = list(csv.DictReader(open(tmp_path / "stats.csv")))
     names = {r["name"] for r in rows}
-    assert {"ClipNorm/grad_norm", "GradStats/cosine", "GradStats/norms/1", "GradES/frozen_fraction",
-            "EarlyStopping/best", "loss"} <= names
+    assert {"clip_norm/grad_norm", "grad_stats/cosine", "grad_stats/norms/1", "grad_es/frozen_fraction",
+            "early_stopping/best", "loss"} <= names
     assert {r["step"] for r in rows} == {"1", "2", "3"}
-    norm = [float(r["value"]) for r in rows if r["name"] == "ClipNorm/grad_norm" and r["step"] == "1"][0]
+    norm = [float(r["value"]) for r in rows if r["name"] == "clip_norm/grad_norm" and r["step"] == "1"][0]
     assert norm > 0.1  # the logged norm is the one before clipping

@@ -38,9 +38,10 @@ def _assert_same(model, pipe, snap):
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     now = pipe.state_dict()
     assert now["steps"] == state["steps"]
-    for k, st in state["optimizer"]["state"].items():
+    opt = pipe.name_of(pipe.optimizer)
+    for k, st in state["stages"][opt]["state"].items():
         for name, v in st.items():
-            w = now["optimizer"]["state"][k][name]
+            w = now["stages"][opt]["state"][k][name]
             assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w
 
 
@@ -161,6 +162,6 @@ def test_transform_and_controller_hooks_are_called():
                        [Stop()])
     pipe.step(lambda: F.cross_entropy(model(x), y))
     assert calls == ["t", "c"] and pipe.should_stop
-    assert pipe.stats == {"Scale/scaled": 1}
+    assert pipe.stats == {"scale/scaled": 1}
     # Zeroed gradients: Lion's sign(0) = 0 and no weight decay, so parameters must not move.
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -7,11 +7,11 @@ One data path, every stage swappable::
 See :class:`gradkit.Pipeline`.
 """
 
-from . import control, guide, optim, search, sources, transforms
+from . import control, guide, logging, optim, search, sources, transforms
 from .errors import NonFiniteError
-from .pipeline import Pipeline
+from .pipeline import Named, Pipeline, named
 
 __version__ = "0.1.0"
 
-__all__ = ["NonFiniteError", "Pipeline", "__version__", "control", "guide", "optim", "search", "sources",
-           "transforms"]
+__all__ = ["Named", "NonFiniteError", "Pipeline", "__version__", "control", "guide", "logging", "named", "optim",
+           "search", "sources", "transforms"]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 __all__ = ["main", "methods"]
 
 # The packages whose public classes are methods, in data-path order.
-_STAGES = ("sources", "transforms", "optim", "control", "search", "guide")
+_STAGES = ("sources", "transforms", "optim", "control", "search", "search.spaces", "guide")
 
 
 def methods() -> list[tuple[str, str, str]]:

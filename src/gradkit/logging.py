@@ -5,7 +5,7 @@
     log = gk.logging.StatsLogger("runs/exp1", tensorboard=True)
     for step in ...:
         loss = pipe.step(closure)
-        log.log_pipeline(pipe, loss=loss)      # pipe.stats + every controller's stats()
+        log.log_pipeline(pipe, loss=loss)      # pipe.stats: every stage's stats(), by stage name
     log.close()
 
 Values may be Python numbers, 0-d tensors (converted here, which is where the host synchronisation happens) or
@@ -85,12 +85,8 @@ class StatsLogger:
         return flat
 
     def log_pipeline(self, pipe: Any, loss: torch.Tensor | float | None = None) -> dict[str, float]:
-        """Log ``pipe.stats`` (transform statistics), each controller's ``stats()`` and optionally the loss."""
+        """Log ``pipe.stats`` (every stage's statistics, keyed ``<stage name>/<statistic>``) and optionally the loss."""
         stats: dict[str, Any] = dict(pipe.stats)
-        for c in getattr(pipe, "controllers", []):
-            fn = getattr(c, "stats", None)
-            if callable(fn):
-                stats.update({f"{type(c).__name__}/{k}": v for k, v in fn().items()})
         if loss is not None:
             stats["loss"] = loss
         return self.log(pipe.steps, stats)

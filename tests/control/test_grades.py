@@ -179,9 +179,14 @@ def test_zeroth_order_source_with_observe_transform():
     # Without observe="transform" the hooks never fire under a zeroth-order source: a clear error, not silence.
     m2 = TwoLayer()
     g2 = gk.control.GradES(m2, tau=1.0)
-    pipe2 = gk.Pipeline(gk.sources.SPSA(m2, seed=0), [], torch.optim.SGD(m2.parameters(), lr=0.01), [g2])
-    with pytest.raises(RuntimeError, match="observe='transform'"):
-        pipe2.step(lambda: F.mse_loss(m2(x), y))
+    before = [p.detach().clone() for p in m2.parameters()]
+    with pytest.raises(ValueError, match="observe='transform'"):  # at construction, before anything moved
+        gk.Pipeline(gk.sources.SPSA(m2, seed=0), [], torch.optim.SGD(m2.parameters(), lr=0.01), [g2])
+    assert all(torch.equal(a, b) for a, b in zip(before, m2.parameters()))
+    # observe='transform' but not among the transforms: the statistic would never be recorded.
+    g3 = gk.control.GradES(m2, tau=1.0, observe="transform")
+    with pytest.raises(ValueError, match="add the same object to the Pipeline's transforms"):
+        gk.Pipeline(gk.sources.SPSA(m2, seed=0), [], torch.optim.SGD(m2.parameters(), lr=0.01), [g3])
 
 
 def test_missing_gradients_are_reported():

@@ -114,6 +114,8 @@ def test_interval_units():
     assert not rule.active(0, 10, 0.79)
     steps = G.GuidanceInterval(G.CFG(2.0), start=0.2, stop=0.5, unit="steps")
     assert [i for i in range(10) if steps.active(i, 10, 0.0)] == [2, 3, 4]
+    index = G.GuidanceInterval(G.CFG(2.0), start=17, stop=22, unit="index")  # the authors' inclusive step range
+    assert [i for i in range(32) if index.active(i, 32, 0.0)] == list(range(17, 23))
     with pytest.raises(ValueError, match="stop"):
         G.GuidanceInterval(G.CFG(2.0), start=0.5, stop=0.2)
 

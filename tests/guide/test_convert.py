@@ -100,5 +100,5 @@ def test_flow_model_declarations_and_errors():
         G.FlowModel(f, "noise")
     with pytest.raises(ValueError, match="callable"):
         G.as_flow_model(3)
-    m = G.FlowModel(lambda x, t, **kw: x * kw["scale"])
+    m = G.FlowModel(lambda x, t, c: x * c["scale"])  # the condition is passed through unchanged
     assert torch.equal(m(torch.ones(2, 1), torch.zeros(2), {"scale": 2.0}), torch.full((2, 1), 2.0))

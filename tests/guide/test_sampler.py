@@ -102,6 +102,15 @@ def test_inverse_flow_map_by_backward_integration():
     assert torch.allclose(back, x0, atol=1e-5)
 
 
+def test_flow_map_function_round_trip_and_sde_refused():
+    g = G.toy.asymmetric()
+    x0 = noise(3, 2, 4)
+    y = G.flow_map(g, x0, steps=60)
+    assert torch.allclose(G.flow_map(g, y, 1.0, 0.0, steps=60), x0, atol=1e-5)
+    with pytest.raises(ValueError, match="flow map"):
+        G.flow_map(g, x0, method="sde")
+
+
 def test_grad_through_the_solve():
     g = G.toy.gaussian([0.5, 0.0], [[1.0, 0.0], [0.0, 4.0]])
     x0 = noise(3, 2).requires_grad_(True)
@@ -137,3 +146,19 @@ def test_bad_arguments():
         G.sample(g, noise(2, 2), guidance=G.CFGPlusPlus(0.5), method="rk4")
     with pytest.raises(ValueError, match="g must"):
         G.sample(g, noise(2, 2), method="sde", g=-1.0)
+
+
+def test_population_hook_resamples_rows_and_their_conditions():
+    class KeepFirstOfEachPair(G.Guidance):  # a toy "population": every odd row is replaced by its even neighbour
+        def after_step(self, ctx, x):
+            idx = torch.arange(x.shape[0]) // 2 * 2
+            return x[idx], idx
+
+    g = G.toy.ring(6, classes="parity")
+    x, cond = noise(4, 2, 1), torch.tensor([0, 1, 1, 0])
+    s = G.Sampler(g, guidance=KeepFirstOfEachPair(), steps=3)
+    out = s.run(x, cond).x
+    assert torch.equal(s.cond, torch.tensor([0, 0, 1, 1]))
+    assert torch.equal(out[0], out[1]) and torch.equal(out[2], out[3])
+    ref = G.sample(g, x[[0, 2]], cond=cond[[0, 2]], steps=3)
+    assert torch.allclose(out[[0, 2]], ref, atol=1e-14)

@@ -114,7 +114,10 @@ def test_groups_resample_independently_and_lineage_composes():
     # group 0 has spread rewards (collapses), group 1 constant rewards (never resampled)
     x0 = torch.cat([torch.linspace(-3, 3, 4, dtype=f64), torch.zeros(4, dtype=f64)])[:, None]
     fk = G.FKSteering(lambda x: x[:, 0], 2.0, potential="rt", n_particles=4, proposal=_identity, seed=3)
-    out = G.sample(_Still(), x0, guidance=fk, steps=5)
+    cond = torch.arange(8) % 3
+    s = G.Sampler(_Still(), guidance=fk, steps=5)
+    out = s.run(x0, cond).x
+    assert torch.equal(s.cond, cond[fk.lineage])          # a per-row condition follows its particle
     for _, anc in fk.ancestry:
         assert bool((anc[:4] < 4).all()) and torch.equal(anc[4:], torch.arange(4, 8))
     lineage = torch.arange(8)

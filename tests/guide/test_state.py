@@ -76,3 +76,25 @@ def test_resume_deepcopy_pickle(name):
     assert torch.equal(s_copy.run().x, straight)
     assert torch.equal(copy.deepcopy(s).run().x, straight)
     assert torch.equal(s.run().x, straight)
+
+
+@pytest.mark.parametrize("make", [lambda: G.APG(4.0, momentum=-0.5), lambda: G.AdaptiveGuidance(3.0, threshold=0.99),
+                                  lambda: G.GuidanceInterval(G.APG(3.0, momentum=0.5), start=0.0, stop=0.9),
+                                  lambda: G.DPS(_reward, 0.2, base=G.APG(2.0, momentum=0.3))])
+def test_reindex_follows_a_resampled_batch(make):
+    """A population method that resamples rows mid-run must carry each row's state along: permuting the batch (and
+    the state via reindex) after step k equals running the permuted batch from the start with permuted state."""
+    x, cond = noise(4, 2, 8) * 2, torch.tensor([0, 1, 0, 1])
+    perm = torch.tensor([2, 0, 3, 1])
+    s = G.Sampler(RING, guidance=make(), steps=8, method="euler")
+    s.start(x, cond)
+    for _ in range(4):
+        s.step()
+    ref = s.run().x[perm]
+    s2 = G.Sampler(RING, guidance=make(), steps=8, method="euler")
+    s2.start(x, cond)
+    for _ in range(4):
+        s2.step()
+    s2.x, s2.cond = s2.x[perm], cond[perm]
+    s2.guidance.reindex(perm)
+    assert torch.allclose(s2.run().x, ref, atol=1e-13)

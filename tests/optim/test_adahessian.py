@@ -99,9 +99,13 @@ def test_through_the_pipeline_with_create_graph_matches_standalone():
 
 def test_without_a_graph_the_error_says_what_to_do():
     model = torch.nn.Linear(3, 1)
-    pipe = gk.Pipeline(gk.sources.Backprop(model), optimizer=gk.optim.AdaHessian(model.parameters()))
+    opt = gk.optim.AdaHessian(model.parameters())
+    # In a Pipeline the mismatch is found at construction, before anything moved.
+    with pytest.raises(ValueError, match="create_graph=True"):
+        gk.Pipeline(gk.sources.Backprop(model), optimizer=opt)
+    model(torch.ones(2, 3)).pow(2).sum().backward()
     with pytest.raises(RuntimeError, match="create_graph=True"):
-        pipe.step(lambda: model(torch.ones(2, 3)).pow(2).sum())
+        opt.step()
 
 
 def test_constant_gradient_means_zero_curvature():

@@ -76,10 +76,35 @@ class GradES(Controller):
         self.last: dict[str, float] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._hooks: dict[str, Any] = {}
+        self._register_hooks()
+        self.total_numel = sum(p.numel() for p in self.named.values())
+
+    def _register_hooks(self) -> None:
         if self.observe == "backward":
             for n, p in self.named.items():
-                self._hooks[n] = p.register_hook(self._make_hook(n))
-        self.total_numel = sum(p.numel() for p in self.named.values())
+                if n not in self.frozen:
+                    self._hooks[n] = p.register_hook(self._make_hook(n))
+
+    # -- copies: the hooks belong to the parameters of this copy, so they are registered again ----------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_hooks"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._register_hooks()
+
+    @property
+    def needs_backward(self) -> bool:  # type: ignore[override]
+        return self.observe == "backward"
+
+    @property
+    def needs_transform(self) -> bool:  # type: ignore[override]
+        return self.observe == "transform"
+
+    #: As a transform it only reads ``.grad``.
+    keeps_finite = True
 
     @staticmethod
     def _select(model: nn.Module, targets: Targets) -> dict[str, torch.Tensor]:

@@ -35,14 +35,14 @@ from .interval import GuidanceInterval
 from .lookahead_search import CoDe, Free2Guide, LookAheadSearch
 from .model import FlowModel, as_flow_model, vp_cosine_time, vp_discrete_time
 from .noise_search import NoiseSearch
-from .sampler import METHODS, SampleOutput, Sampler, context, guided_velocity, sample, time_grid
+from .sampler import METHODS, SampleOutput, Sampler, context, flow_map, guided_velocity, sample, time_grid
 from .tfg import DPS, MPGD, TFG, FreeDoM
 
 __all__ = [
     "APG", "CFG", "DPS", "GFCG", "METHODS", "MPGD", "SAME", "TFG", "AdaptiveGuidance", "Autoguidance", "CFGPlusPlus",
     "CFGZeroStar", "ClassifierGuidance", "Conditional", "EluCD", "FlowChef", "FlowModel", "FreeDoM", "Guidance",
     "GuidanceInterval", "SampleOutput", "Sampler", "StepContext", "Unconditional", "as_flow_model", "cfg", "context",
-    "guided_velocity",
+    "flow_map", "guided_velocity",
     # part 2: populations and input optimisation
     "BestOfN", "CoDe", "DFlow", "FKCorrector", "FKSteering", "FlowOpt", "Free2Guide", "InputOptResult",
     "LookAheadSearch", "NoiseSearch", "PopulationOutput", "chi_regularizer", "effective_sample_size", "resample",

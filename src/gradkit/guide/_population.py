@@ -311,6 +311,17 @@ class _Population(Guidance):
 
         return self._take(tensors, needs)
 
+    def _resampled(self, x: Tensor, ancestors: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """What ``after_step`` returns after a resampling: ``(x, index)`` so the sampler reorders a per-row
+        condition (and the base rule its per-sample state), when every ancestor of this rank's rows is local; with
+        rows from other ranks only ``x`` (a group's rows then must share their condition, as documented)."""
+        mine = ancestors[self.rows.start:self.rows.stop]
+        local = mine - self.rows.start
+        if bool(((local >= 0) & (local < len(self.rows))).all()):
+            self.base.reindex(local)
+            return x, local
+        return x
+
     # -- run: the sampler, optionally split over ranks
     def run(self, model: Any, x: Tensor, cond: Any = None, *, steps: int = 50, method: str = "sde",
             times: Sequence[float] | Tensor | None = None, g: float | Callable[[float], float] = 1.0,

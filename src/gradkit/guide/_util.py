@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .._validate import check_choice, check_range
+from .._validate import check_choice, check_nonfinite, check_range
 
 Tensor = torch.Tensor
 
@@ -46,15 +46,5 @@ def check_threshold(name: str, value: Any) -> float:
 
 
 def nonfinite_policy(value: Any, allowed: tuple[str, ...] = ("raise", "skip", "ignore"), where: str = "") -> str:
-    """Validate ``on_nonfinite`` for a guidance stage (the vocabulary of ``gradkit._validate``)."""
-    try:
-        from .._validate import NONFINITE_POLICIES
-    except ImportError:  # pragma: no cover
-        NONFINITE_POLICIES = ("raise", "skip", "worst", "ignore")
-    vocab = tuple(NONFINITE_POLICIES) + tuple(p for p in ("worst",) if p not in NONFINITE_POLICIES)
-    if not isinstance(value, str) or value not in vocab:
-        raise ValueError(f"on_nonfinite must be one of {allowed}, got {value!r}")
-    if value not in allowed:
-        at = f" by {where}" if where else ""
-        raise ValueError(f"on_nonfinite={value!r} cannot be honoured{at}; it accepts one of {allowed}")
-    return value
+    """Validate ``on_nonfinite`` for a guidance stage (COORD decision 1; ``"worst"`` only for populations)."""
+    return check_nonfinite(value, allowed, where=where)

@@ -85,6 +85,10 @@ class AdaptiveGuidance(Guidance):
         self.switch_step[newly] = ctx.step
         return out
 
+    def reindex(self, index: Tensor) -> None:
+        if self.switched is not None:
+            self.switched, self.switch_step = self.switched[index], self.switch_step[index]
+
     def state_dict(self) -> dict[str, Any]:
         return {"switched": self.switched, "switch_step": self.switch_step}
 

@@ -101,6 +101,10 @@ class APG(Guidance):
         p = self.combine(ctx.x1(v_c), ctx.x1(v_u), t=ctx.t)
         return (p - ctx.x) / (1.0 - ctx.t)
 
+    def reindex(self, index: Tensor) -> None:
+        if self.buffer is not None:
+            self.buffer = self.buffer[index]
+
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": self.buffer}
 

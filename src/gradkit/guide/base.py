@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._stateful import Stateful
 from . import _convert as C
 from .model import FlowModel, as_flow_model
 
@@ -100,7 +101,7 @@ class StepContext:
         self.counter = counter
         self.generator = generator
         self.method = method
-        self._cache: dict[Any, Tensor] = {}
+        self._cache: dict[Any, tuple] = {}
 
     @property
     def h(self) -> float:
@@ -125,7 +126,7 @@ class StepContext:
         m = self.model if model is None else as_flow_model(model)
         key = (id(c), id(m))
         if own and key in self._cache:
-            return self._cache[key]
+            return self._cache[key][2]
         xx = self.x if x is None else x
         if rows is not None:
             xx = xx[rows]
@@ -135,7 +136,7 @@ class StepContext:
         self.counter.rows += n
         self.counter.calls += 1
         if own:
-            self._cache[key] = v
+            self._cache[key] = (c, m, v)  # holding c and m keeps their ids from being reused while cached
         return v
 
     def at(self, x: Tensor, t: float | None = None) -> StepContext:
@@ -157,22 +158,21 @@ class StepContext:
         return C.score_from_v(self.x if x is None else x, v, self.t if t is None else t)
 
 
-class Guidance:
+class Guidance(Stateful):
     """Base of every guidance method. Subclasses override one level:
 
     * :meth:`velocity` (rule level) — the guided velocity at ``ctx``; default: the conditional velocity;
     * :meth:`step` (step level) — the next state, or ``None`` to let the solver step with :meth:`velocity`;
     * :meth:`after_step` (population level) — reweight / resample the batch after each step.
 
-    :meth:`reset` is called when sampling starts (batch known). ``state_dict`` / ``load_state_dict`` carry what a
+    :meth:`reset` is called when sampling starts (batch known); :meth:`reindex` reorders per-sample state when a
+    population method resamples the batch. ``state_dict`` / ``load_state_dict`` carry what a
     resumed run needs, bit for bit. ``paper`` names the paper (``gradkit list`` shows it).
     """
 
     paper: ClassVar[str] = ""
     #: the solver methods a step-level method supports (None: all)
     methods: ClassVar[tuple[str, ...] | None] = None
-    #: whether the method differentiates (the sampler then leaves autograd on inside its calls)
-    needs_grad: ClassVar[bool] = False
 
     def reset(self, x: Tensor, num_steps: int) -> None:
         """Called once when sampling starts, with the initial state and the number of steps."""
@@ -183,15 +183,16 @@ class Guidance:
     def step(self, ctx: StepContext) -> Tensor | None:
         return None
 
-    def after_step(self, ctx: StepContext, x: Tensor) -> Tensor:
+    def after_step(self, ctx: StepContext, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """Population hook, called after every step with the new state (``ctx`` is at the step's end, stage −1).
+        Return the (possibly reweighted / resampled) state, or ``(x, index)`` when rows were resampled — row i of
+        the new batch descends from row ``index[i]`` — so the sampler reorders a per-row condition as well (the
+        method reorders its own per-sample state and its base rule's with :meth:`reindex`)."""
         return x
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+    def reindex(self, index: Tensor) -> None:
+        """Reorder the per-sample state after a population method resampled the batch: row ``i`` of the new batch
+        is row ``index[i]`` of the old one (default: no per-sample state)."""
 
 
 class Conditional(Guidance):

@@ -94,6 +94,9 @@ class ClassifierGuidance(Guidance):
         g = self.log_prob_grad(ctx.x, tg, labels_of(ctx.cond, ctx.x.shape[0], ctx.x.device))
         return v + (w * (1.0 - tg) / tg) * g
 
+    def reindex(self, index: Tensor) -> None:
+        self.base.reindex(index)
+
     def state_dict(self) -> dict[str, Any]:
         return {"base": self.base.state_dict(), "grad": self.grad.state_dict()}
 

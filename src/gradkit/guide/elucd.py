@@ -13,8 +13,10 @@ Reference flags (ResNet-101, ImageNet-128): scale 1.0, Softplus β = 3 in place 
 joint temperature τ₁ = 1, margin temperature discount 0.5 (read in AlexMaOLS/EluCD
 ``DDPM/scripts/classifier_sample.py``). The flow mapping is gradkit's: skipping the Jacobian ∂x̂1/∂x, it is replaced
 by t·I — what the chain rule gives for standardised data at low signal (∂x̂1/∂x = tΣS_t⁻¹ for N(m, Σ) data) —
-which keeps the shift bounded as t → 0. The repository's ``gamma_factor`` (inside its diffusion code) was not
-verified and is not implemented.
+which keeps the shift bounded as t → 0. Not implemented: the reference's DDPM sampler scales the gradient by the
+posterior variance plus a "sin timely-decay" bump ``0.3·max_variance·sin(π·n/N)`` at step n of N (read in
+``DDPM/guided_diffusion/gaussian_diffusion.py::p_sample``; the 0.3 is hard-coded there) — pass a callable ``scale(t)``
+to reproduce such a schedule.
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ class EluCD(Guidance):
         labels = labels_of(ctx.cond, ctx.x.shape[0], ctx.x.device)
         g, _ = self.grad(ctx.x1(v), lambda xb: self.calibrated_log_ratio(self.classifier(xb), labels))
         return v + (w * (1.0 - ctx.t)) * g
+
+    def reindex(self, index: Tensor) -> None:
+        self.base.reindex(index)
 
     def state_dict(self) -> dict[str, Any]:
         return {"base": self.base.state_dict(), "grad": self.grad.state_dict()}

@@ -127,7 +127,7 @@ class FKCorrector(_Population):
             self._inc = coef * flat_norm(d).flatten().to(f64) ** 2
         return v_u + b * d
 
-    def after_step(self, ctx: StepContext, x: Tensor) -> Tensor:
+    def after_step(self, ctx: StepContext, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         i = ctx.step
         last = i == ctx.num_steps - 1
         inc_local = self._inc
@@ -159,7 +159,7 @@ class FKCorrector(_Population):
         anc = resample(lw, self.resampling, generator=self.generator)
         return self._apply(i, x, anc, which, lw)
 
-    def _apply(self, i: int, x: Tensor, anc_g: Tensor, which: Tensor, lw: Tensor) -> Tensor:
+    def _apply(self, i: int, x: Tensor, anc_g: Tensor, which: Tensor, lw: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         N = self.group_size
         offs = (torch.arange(self.num_groups) * N)[:, None]
         keep = torch.arange(N)[None].expand(self.num_groups, N)
@@ -167,9 +167,9 @@ class FKCorrector(_Population):
         self.log_weights = torch.where(which[:, None], torch.zeros_like(lw), lw).reshape(-1)
         self.ancestry.append((i, anc))
         (x,) = self._resample_local(anc, [x])
-        return x
+        return self._resampled(x, anc)
 
-    def _reference_update(self, i: int, last: bool, x: Tensor, inc: Tensor) -> Tensor:
+    def _reference_update(self, i: int, last: bool, x: Tensor, inc: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         if last:  # the authors' loop skips the weights of the last step
             self.final_log_weights = self.log_weights.clone()
             return x

@@ -161,7 +161,7 @@ class FKSteering(_Population):
             self._x1_start = ctx.x1(v)  # the authors' x0_preds: the prediction at the start of the step
         return v
 
-    def after_step(self, ctx: StepContext, x: Tensor) -> Tensor:
+    def after_step(self, ctx: StepContext, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         i = ctx.step
         if i not in self._schedule:
             return x
@@ -236,14 +236,14 @@ class FKSteering(_Population):
         self.lineage = self.lineage[anc]
         self.ancestry.append((i, anc))
         x, v_next = self._resample_local(anc, [x, v_next])
-        return self._keep(i, x, v_next)
+        return self._resampled(self._keep(i, x, v_next), anc)
 
     def _keep(self, i: int, x: Tensor, v_next: Tensor | None) -> Tensor:
         if v_next is not None:
             self._remember_velocity(i + 1, x, v_next)
         return x
 
-    def _reference_update(self, i: int, last: bool, x: Tensor, r: Tensor) -> Tensor:
+    def _reference_update(self, i: int, last: bool, x: Tensor, r: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         lam, p = self.lam, self.potential
         if p == "max":
             cand = torch.maximum(r, self.running)
@@ -293,7 +293,7 @@ class FKSteering(_Population):
         self.lineage = self.lineage[anc]
         self.ancestry.append((i, anc))
         (x,) = self._resample_local(anc, [x])
-        return x
+        return self._resampled(x, anc)
 
     # ------------------------------------------------------------------ results and state
     @property

@@ -87,6 +87,9 @@ class FlowChef(Guidance):
             x, v = self.inner(ctx, x, v)
         return x + ctx.h * v
 
+    def reindex(self, index: Tensor) -> None:
+        self.base.reindex(index)
+
     def state_dict(self) -> dict[str, Any]:
         return {"base": self.base.state_dict(), "grad": self.grad.state_dict()}
 

@@ -87,6 +87,9 @@ class GFCG(Guidance):
         v_ref = ctx.velocity(ref)
         return v + s.reshape(-1, *([1] * (ctx.x.ndim - 1))) * (v_c - v_ref)
 
+    def reindex(self, index: Tensor) -> None:
+        self.base.reindex(index)
+
     def state_dict(self) -> dict[str, Any]:
         return {"base": self.base.state_dict()}
 

@@ -28,8 +28,8 @@ class FlowModel:
     """A network with a declared prediction type, called as ``model(x, t, cond) -> velocity``.
 
     Args:
-        fn: the network, ``fn(x_in, time_in, cond) -> prediction`` (``cond`` is passed through unchanged; a
-            ``dict`` ``cond`` is passed as keyword arguments instead, e.g. ``encoder_hidden_states``).
+        fn: the network, ``fn(x_in, time_in, cond) -> prediction`` (``cond`` is passed through unchanged: a label
+            tensor, a dict of embeddings, ``None`` for unconditional).
         prediction: what ``fn`` returns (default ``"velocity"``): ``"velocity"`` v, ``"x1"`` the data prediction
             x̂1, ``"x0"`` the noise prediction x̂0, ``"score"`` ∇log p_t, ``"epsilon"`` the ε of a
             variance-preserving model (``z = α·x1 + σ·ε``, α² + σ² = 1; ``fn`` then receives the VP state
@@ -55,8 +55,6 @@ class FlowModel:
         """The network's own output at the path point ``(x, t)`` (no conversion)."""
         x_in = C.vp_from_path(x, t) if self.prediction == "epsilon" else x
         t_in = self.time_fn(t) if self.time_fn is not None else t
-        if isinstance(cond, dict):
-            return self.fn(x_in, t_in, **cond)
         return self.fn(x_in, t_in, cond)
 
     def __call__(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:

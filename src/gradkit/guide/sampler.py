@@ -29,15 +29,15 @@ from typing import Any
 
 import torch
 
-from .._validate import check_choice, check_int, check_nonneg
+from .._validate import check_choice, check_int, check_nonfinite, check_nonneg
 from ..errors import NonFiniteError
 from . import _convert as C
-from .base import Conditional, Guidance, StepContext, _Counter
+from .base import Conditional, Guidance, StepContext, _Counter, index_cond
 from .model import as_flow_model
 
 Tensor = torch.Tensor
 
-__all__ = ["METHODS", "SampleOutput", "Sampler", "context", "guided_velocity", "sample", "time_grid"]
+__all__ = ["METHODS", "SampleOutput", "Sampler", "context", "flow_map", "guided_velocity", "sample", "time_grid"]
 
 METHODS = ("euler", "midpoint", "heun", "rk4", "sde")
 _STAGES = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "sde": 1}
@@ -146,7 +146,7 @@ class Sampler:
         self.grad = bool(grad)
         self.record = bool(trajectory)
         self.progress = progress
-        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("raise", "ignore"))
+        self.on_nonfinite = check_nonfinite(on_nonfinite, ("raise", "ignore"), where="the sampler")
         self.x: Tensor | None = None
         self.cond: Any = None
         self.i = 0
@@ -228,6 +228,9 @@ class Sampler:
                 x_next = self._solver_step(x)
             ctx_after = self._ctx(x_next, float(self.times[self.i + 1]), -1)
             x_next = self.guidance.after_step(ctx_after, x_next)
+            if isinstance(x_next, tuple):  # a population resampled its rows: (x, index), row i ← old row index[i]
+                x_next, index = x_next
+                self.cond = index_cond(self.cond, index)
         if not self.grad:
             x_next = x_next.detach()
         if self.on_nonfinite == "raise" and not bool(torch.isfinite(x_next).all()):
@@ -350,3 +353,28 @@ def guided_velocity(guidance: Guidance, model: Any, x: Tensor, t: float, cond: A
     """
     with torch.no_grad():
         return guidance.velocity(context(model, x, t, cond, **kw))
+
+
+def flow_map(model: Any, x: Tensor, t0: float = 0.0, t1: float = 1.0, *, cond: Any = None,
+             guidance: Guidance | None = None, steps: int = 50, method: str = "rk4", grad: bool = False) -> Tensor:
+    """The (discretised) flow map Φ_{t0→t1}(x) of a model's ODE; ``t1 < t0`` integrates backwards (Φ⁻¹).
+
+    With ``grad=True`` the solve stays on the autograd graph, so a loss of Φ(x0) back-propagates to x0 (D-Flow,
+    noise optimisation); for a fixed-step solver Φ is the same function in both uses. For the exact Gaussian-mixture
+    flow map see :meth:`gradkit.guide.toy.GMM.flow_map`.
+
+    Args:
+        model: the model (any declared parameterisation).
+        x: states at ``t0`` (``[B, ...]``).
+        t0: start time (default 0.0, noise).
+        t1: end time (default 1.0, data).
+        cond: the condition (default ``None``).
+        guidance: optional rule-level guidance applied along the way (ODE methods; default none).
+        steps: number of steps (default 50).
+        method: ODE method (default ``"rk4"``).
+        grad: keep the autograd graph (default False).
+    """
+    if method == "sde":
+        raise ValueError("method='sde' is not a flow map: use an ODE method")
+    return sample(model, x, cond=cond, guidance=guidance, steps=steps, method=method, t_start=t0, t_end=t1,
+                  grad=grad)

@@ -163,6 +163,9 @@ class TFG(Guidance):
                 x = renoise(x_next, tn, t, ctx.generator)
         return x_next
 
+    def reindex(self, index: Tensor) -> None:
+        self.base.reindex(index)
+
     def state_dict(self) -> dict[str, Any]:
         return {"base": self.base.state_dict(), "rho": self.grad_rho.state_dict(), "mu": self.grad_mu.state_dict()}
 

@@ -7,6 +7,8 @@
 * :mod:`gradkit.integrations.transformers` (``pip install "gradkit[transformers]"``): ``ZOTrainer``, zeroth-order
   fine-tuning with the Hugging Face ``Trainer`` following MeZO's recipe, and a callback that checkpoints gradkit
   stages and evaluates Schedule-Free optimizers at their averaged point.
+* :mod:`gradkit.integrations.diffusers` (``pip install "gradkit[diffusers]"``): diffusers flow networks as
+  ``gk.guide`` models, and gradkit's guidance rules as diffusers guiders.
 """
 
 __all__: list[str] = []

@@ -72,8 +72,9 @@ def collect_states(stages: Mapping[str, Any], skip_optimizers: Iterable[torch.op
         if id(stage) in skip:
             continue
         state = stage.state_dict()
-        if isinstance(stage, Pipeline) and id(stage.optimizer) in skip and "optimizer" in state:
-            state = {**state, "optimizer": None}  # restored by the framework; filled in again at load time
+        if isinstance(stage, Pipeline) and id(stage.optimizer) in skip:
+            # Restored by the framework; filled in again at load time.
+            state = {**state, "stages": {**state["stages"], stage.name_of(stage.optimizer): None}}
         out[name] = state
     return out
 
@@ -99,8 +100,10 @@ def restore_states(stages: Mapping[str, Any], states: Mapping[str, Any],
         )
     for name in sorted(expected):
         stage, state = stages[name], states[name]
-        if isinstance(stage, Pipeline) and isinstance(state, Mapping) and state.get("optimizer", 0) is None:
-            state = {**state, "optimizer": stage.optimizer.state_dict()}
+        if isinstance(stage, Pipeline) and isinstance(state, Mapping) and isinstance(state.get("stages"), Mapping):
+            opt_name = stage.name_of(stage.optimizer)
+            if opt_name in state["stages"] and state["stages"][opt_name] is None:
+                state = {**state, "stages": {**state["stages"], opt_name: stage.optimizer.state_dict()}}
         stage.load_state_dict(state)
 
 

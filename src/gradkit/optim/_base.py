@@ -4,9 +4,10 @@ A gradkit optimizer is a plain ``torch.optim.Optimizer``: param groups, per-grou
 ``state_dict``/``load_state_dict``, LR schedulers and ``zero_grad`` behave as in torch. On top it adds
 
 * ``kernel=``: ``"auto" | "compiled" | "foreach" | "loop"`` (see :mod:`gradkit._kernels`);
-* ``on_nonfinite=``: ``"ignore"`` (torch's behaviour, the default: no check, no cost), ``"raise"``
-  (:class:`~gradkit.NonFiniteError` before anything changes) or ``"skip"`` (the step is skipped, parameters
-  and state untouched, ``nonfinite_skips`` counts it);
+* ``on_nonfinite=``: ``"raise"`` (the default: :class:`~gradkit.NonFiniteError` before anything changes),
+  ``"skip"`` (the step is skipped, parameters and state untouched, ``nonfinite_skips`` counts it) or
+  ``"ignore"`` (torch's behaviour: no check, no cost). The check is one fused pass over the gradients and one
+  host synchronisation; a :class:`gradkit.Pipeline` that has already checked them lets the step skip it;
 * validation of hyper-parameters, both at construction and in ``add_param_group``.
 
 Elementwise optimizers (Adam family, Lion, ...) subclass :class:`ElementwiseOptimizer` and provide an update
@@ -22,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._kernels import Elementwise, all_finite, resolve_kernel
+from .._stateful import Copyable
 from .._validate import check_nonfinite
 from ..errors import NonFiniteError
 
@@ -30,14 +32,20 @@ __all__ = ["ElementwiseOptimizer", "Optimizer", "decay_scalars"]
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 
-class Optimizer(torch.optim.Optimizer):
-    """Base class of gradkit optimizers (a ``torch.optim.Optimizer``)."""
+class Optimizer(Copyable, torch.optim.Optimizer):
+    """Base class of gradkit optimizers (a ``torch.optim.Optimizer``).
+
+    Copies (``copy.deepcopy``, ``pickle``) keep every attribute and step exactly as the original
+    (:class:`gradkit._stateful.Copyable`).
+    """
 
     #: Title of the paper that introduced the method (shown by ``gradkit list``).
     paper: ClassVar[str] = ""
+    #: Set by a Pipeline for the duration of one ``step()`` when it has verified the gradients are finite.
+    _grads_checked: bool = False
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, kernel: str = "auto",
-                 on_nonfinite: str = "ignore"):
+                 on_nonfinite: str = "raise"):
         self.on_nonfinite = check_nonfinite(on_nonfinite, where=type(self).__name__)
         self.kernel = resolve_kernel(kernel)
         self.nonfinite_skips = 0
@@ -63,15 +71,69 @@ class Optimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by this class, or by ``torch.optim`` (e.g. ``torch.optim.AdamW`` into ``AdamW``).
+
+        A torch state is normalised: its ``step`` tensors become the integers gradkit counts with (otherwise every
+        parameter would form its own step bucket), and torch's implementation flags (``foreach``, ``fused``,
+        ``capturable``, ...) are dropped when neutral. A state this optimizer cannot use raises ``ValueError``
+        before anything is loaded, naming what is missing (e.g. an AdamW state loaded into Prodigy lacks
+        ``beta3``) or what would change the maths (``maximize=True``).
+        """
         state_dict = dict(state_dict)
         extra = state_dict.pop("gradkit", {})
+        state_dict["param_groups"] = [self._normalise_group(i, g) for i, g in enumerate(state_dict["param_groups"])]
+        self._check_saved_state(state_dict)
         super().load_state_dict(state_dict)
+        for st in self.state.values():
+            step = st.get("step")
+            if isinstance(step, torch.Tensor) and step.numel() == 1:
+                st["step"] = int(step.item())
         self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
+
+    #: Keys torch.optim stores in every param group: ``None`` = any value (an implementation choice, dropped);
+    #: otherwise the only value gradkit can honour.
+    _TORCH_GROUP_KEYS: ClassVar[dict[str, Any]] = {"foreach": None, "fused": None, "capturable": None,
+                                                    "maximize": False, "differentiable": False}
+
+    def _foreign_group_keys(self) -> dict[str, Any]:
+        """Group keys of other libraries this class understands (see ``_TORCH_GROUP_KEYS``); extended per class."""
+        return dict(self._TORCH_GROUP_KEYS)
+
+    def _normalise_group(self, index: int, group: dict[str, Any]) -> dict[str, Any]:
+        foreign = self._foreign_group_keys()
+        group = dict(group)
+        for key, needed in foreign.items():
+            if key in group and key not in self.defaults:
+                value = group.pop(key)
+                if needed is not None and value != needed:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: param_groups[{index}] has "
+                                     f"{key}={value!r}, which {type(self).__name__} cannot honour (only {needed!r})")
+        missing = [k for k in self.defaults if k not in group and k not in foreign]
+        if missing:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: param_groups[{index}] lacks the "
+                             f"hyper-parameters {missing}: the state was saved by another optimizer")
+        self._check_group(group)
+        return group
+
+    def _required_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """Keys every non-empty per-parameter state of ``group`` must hold (checked at load time)."""
+        return ()
+
+    def _check_saved_state(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("state", {})
+        for i, group in enumerate(state_dict["param_groups"]):
+            need = self._required_state_keys(group)
+            for pid in group["params"]:
+                st = saved.get(pid)
+                missing = [k for k in need if st and k not in st]
+                if missing:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: the state of parameter {pid} "
+                                     f"(param_groups[{i}]) lacks {missing}: it was saved by another optimizer")
 
     # -- step ----------------------------------------------------------------------------------------
     def _grads_ok(self, params: list[torch.Tensor]) -> bool:
         """Apply the non-finite policy; False means: skip this step."""
-        if self.on_nonfinite == "ignore" or all_finite([p.grad for p in params]):
+        if self.on_nonfinite == "ignore" or self._grads_checked or all_finite([p.grad for p in params]):
             return True
         if self.on_nonfinite == "raise":
             raise NonFiniteError(
@@ -115,6 +177,9 @@ class ElementwiseOptimizer(Optimizer):
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         """Names of the per-parameter state buffers (zeros-initialised, shaped like the parameter)."""
         raise NotImplementedError
+
+    def _required_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("step", *self._state_keys(group))
 
     def _rule(self, group: dict[str, Any]) -> Elementwise:
         """The update rule for this group (a variant may depend on group flags such as ``amsgrad``)."""

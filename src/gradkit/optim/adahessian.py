@@ -51,7 +51,7 @@ class AdaHessian(Optimizer):
 
     def __init__(self, params: ParamsT, lr: float = 0.15, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-4, weight_decay: float = 0.0, hessian_power: float = 0.5, seed: int = 0, *,
-                 kernel: str = "auto", on_nonfinite: str = "ignore"):
+                 kernel: str = "auto", on_nonfinite: str = "raise"):
         check_int("seed", seed)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power)
         super().__init__(params, defaults, kernel=kernel, on_nonfinite=on_nonfinite)

@@ -47,7 +47,7 @@ class AdamW(ElementwiseOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 kernel: str = "auto", on_nonfinite: str = "ignore"):
+                 kernel: str = "auto", on_nonfinite: str = "raise"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
         super().__init__(params, defaults, kernel=kernel, on_nonfinite=on_nonfinite)
 
@@ -56,6 +56,11 @@ class AdamW(ElementwiseOptimizer):
         check_betas("betas", group["betas"], 2)
         check_positive("eps", group["eps"])
         check_nonneg("weight_decay", group["weight_decay"])
+
+    def _foreign_group_keys(self) -> dict[str, Any]:
+        # torch >= 2.6 stores whether the decay is decoupled: a torch.optim.Adam(decoupled_weight_decay=True)
+        # state belongs in AdamW, and the reverse.
+        return {**super()._foreign_group_keys(), "decoupled_weight_decay": not self._coupled}
 
     def _state_keys(self, group):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
@@ -86,5 +91,5 @@ class Adam(AdamW):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
-                 kernel: str = "auto", on_nonfinite: str = "ignore"):
+                 kernel: str = "auto", on_nonfinite: str = "raise"):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, kernel=kernel, on_nonfinite=on_nonfinite)

@@ -46,7 +46,7 @@ class AdEMAMix(ElementwiseOptimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
                  weight_decay: float = 0.0, weight_decouple: bool = False, fixed_decay: bool = False,
                  alpha: float = 5.0, t_alpha_beta3: float | None = None, eps: float = 1e-8, *,
-                 kernel: str = "auto", on_nonfinite: str = "ignore"):
+                 kernel: str = "auto", on_nonfinite: str = "raise"):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, weight_decouple=weight_decouple,
                         fixed_decay=fixed_decay, alpha=alpha, t_alpha_beta3=t_alpha_beta3, eps=eps)
         super().__init__(params, defaults, kernel=kernel, on_nonfinite=on_nonfinite)

@@ -100,7 +100,7 @@ class DAdaptSGD(Optimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0.0,
                  d0: float = 1e-6, growth_rate: float = float("inf"), *, kernel: str = "auto",
-                 on_nonfinite: str = "ignore"):
+                 on_nonfinite: str = "raise"):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, d0=d0, growth_rate=growth_rate,
                         d=d0, k=0, numerator_weighted=0.0, g0_norm=0.0)
         super().__init__(params, defaults, kernel=kernel, on_nonfinite=on_nonfinite)
@@ -155,7 +155,7 @@ class DAdaptAdam(Optimizer):
     def __init__(self, params: ParamsT, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = False,
                  use_bias_correction: bool = False, d0: float = 1e-6, growth_rate: float = float("inf"),
-                 layer_scale: float = 1.0, *, kernel: str = "auto", on_nonfinite: str = "ignore"):
+                 layer_scale: float = 1.0, *, kernel: str = "auto", on_nonfinite: str = "raise"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, d0=d0, growth_rate=growth_rate,
                         layer_scale=layer_scale, d=d0, k=0, numerator_weighted=0.0)

@@ -48,7 +48,7 @@ class DiffGrad(ElementwiseOptimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.0, weight_decouple: bool = True, fixed_decay: bool = False,
                  ams_bound: bool = False, eps: float = 1e-8, *, kernel: str = "auto",
-                 on_nonfinite: str = "ignore"):
+                 on_nonfinite: str = "raise"):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, weight_decouple=weight_decouple,
                         fixed_decay=fixed_decay, ams_bound=ams_bound, eps=eps)
         super().__init__(params, defaults, kernel=kernel, on_nonfinite=on_nonfinite)

@@ -53,7 +53,7 @@ class DoG(Optimizer):
 
     def __init__(self, params: ParamsT, reps_rel: float = 1e-6, lr: float = 1.0, weight_decay: float = 0.0,
                  eps: float = 1e-8, init_eta: float | None = None, *, kernel: str = "auto",
-                 on_nonfinite: str = "ignore"):
+                 on_nonfinite: str = "raise"):
         if init_eta is not None:
             # As in the reference: the first step is init_eta, and r̄ starts from the first distance travelled
             # (a group may still set its own reps_rel).

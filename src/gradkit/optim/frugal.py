@@ -63,7 +63,7 @@ class FRUGAL(Optimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, density: float = 0.25, proj: str = "svd",
                  update_gap: int = 200, free_lr: float | None = None, seed: int = 0, *, kernel: str = "auto",
-                 on_nonfinite: str = "ignore"):
+                 on_nonfinite: str = "raise"):
         check_int("seed", seed)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, proj=proj,
                         update_gap=update_gap, free_lr=free_lr)

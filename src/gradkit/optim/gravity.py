@@ -40,7 +40,7 @@ class Gravity(Optimizer):
     paper = "Gravity Optimizer: a Kinematic Approach on Optimization in Deep Learning"
 
     def __init__(self, params: ParamsT, lr: float = 1e-2, alpha: float = 0.01, beta: float = 0.9,
-                 seed: int | None = 0, *, kernel: str = "auto", on_nonfinite: str = "ignore"):
+                 seed: int | None = 0, *, kernel: str = "auto", on_nonfinite: str = "raise"):
         if seed is not None:
             check_int("seed", seed)
         defaults = dict(lr=lr, alpha=alpha, beta=beta)

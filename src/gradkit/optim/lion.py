@@ -36,7 +36,7 @@ class Lion(ElementwiseOptimizer):
     paper = "Symbolic Discovery of Optimization Algorithms"
 
     def __init__(self, params: ParamsT, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, *, kernel: str = "auto", on_nonfinite: str = "ignore"):
+                 weight_decay: float = 0.0, *, kernel: str = "auto", on_nonfinite: str = "raise"):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay)
         super().__init__(params, defaults, kernel=kernel, on_nonfinite=on_nonfinite)
 

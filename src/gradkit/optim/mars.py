@@ -75,7 +75,7 @@ class MARS(Optimizer):
                  gamma: float = 0.025, mars_type: str = "adamw", optimize_1d: bool = False, lr_1d: float = 3e-3,
                  betas_1d: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.0,
                  weight_decay_1d: float = 0.1, fixed_decay: bool = False, eps: float = 1e-8, *,
-                 kernel: str = "auto", on_nonfinite: str = "ignore"):
+                 kernel: str = "auto", on_nonfinite: str = "raise"):
         check_nonneg("lr", lr)
         check_nonneg("lr_1d", lr_1d)
         defaults = dict(lr=lr, betas=betas, gamma=gamma, mars_type=mars_type, optimize_1d=optimize_1d,

@@ -139,13 +139,13 @@ class MFAC(Optimizer):
         weight_decay: coupled L2, added to the gradient before it enters the window (default 0).
         kernel: accepted for the common optimizer interface and validated; the step is matrix products over
             one flat vector, the same on every kernel.
-        on_nonfinite: ``"ignore"`` | ``"raise"`` | ``"skip"`` (see :class:`gradkit.optim.Optimizer`).
+        on_nonfinite: ``"raise"`` (default) | ``"skip"`` | ``"ignore"`` (see :class:`gradkit.optim.Optimizer`).
     """
 
     paper = "M-FAC: Efficient Matrix-Free Approximations of Second-Order Information"
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, m: int = 32, damp: float = 1e-5, momentum: float = 0.0,
-                 weight_decay: float = 0.0, *, kernel: str = "foreach", on_nonfinite: str = "ignore"):
+                 weight_decay: float = 0.0, *, kernel: str = "foreach", on_nonfinite: str = "raise"):
         self.m = check_int("m", m, 1)
         self.damp = check_positive("damp", damp)
         self.momentum = check_beta("momentum", momentum)

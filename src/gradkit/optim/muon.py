@@ -74,7 +74,7 @@ class Muon(Optimizer):
                  ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, adjust_lr: str = "original",
                  adamw_lr: float = 3e-4, adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8,
                  adamw_weight_decay: float = 0.0, use_muon: bool | None = None, *, kernel: str = "auto",
-                 on_nonfinite: str = "ignore"):
+                 on_nonfinite: str = "raise"):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
                         ns_coefficients=tuple(ns_coefficients), adjust_lr=adjust_lr, adamw_lr=adamw_lr,
                         adamw_betas=adamw_betas,

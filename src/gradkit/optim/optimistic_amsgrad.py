@@ -79,14 +79,14 @@ class OptimisticAMSGrad(Optimizer):
         reg: λ of the extrapolation, relative to ‖UᵀU‖ (default 1e-3).
         kernel: accepted for the common optimizer interface and validated; the update runs per tensor with
             the same numbers on every kernel.
-        on_nonfinite: ``"ignore"`` | ``"raise"`` | ``"skip"`` (see :class:`gradkit.optim.Optimizer`).
+        on_nonfinite: ``"raise"`` (default) | ``"skip"`` | ``"ignore"`` (see :class:`gradkit.optim.Optimizer`).
     """
 
     paper = "An Optimistic Acceleration of AMSGrad for Nonconvex Optimization"
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, predictor: str = "extrapolation", history: int = 5,
-                 reg: float = 1e-3, kernel: str = "foreach", on_nonfinite: str = "ignore"):
+                 reg: float = 1e-3, kernel: str = "foreach", on_nonfinite: str = "raise"):
         self.predictor = check_choice("predictor", predictor, PREDICTORS)
         self.history = check_int("history", history, 2)
         self.reg = check_positive("reg", reg)

@@ -67,7 +67,7 @@ class Prodigy(Optimizer):
                  beta3: float | None = None, eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = True,
                  use_bias_correction: bool = False, safeguard_warmup: bool = False, d0: float = 1e-6,
                  d_coef: float = 1.0, growth_rate: float = float("inf"), *, kernel: str = "auto",
-                 on_nonfinite: str = "ignore"):
+                 on_nonfinite: str = "raise"):
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d0=d0,
                         d_coef=d_coef, growth_rate=growth_rate, d=d0, d_max=d0, d_numerator=0.0, k=0)

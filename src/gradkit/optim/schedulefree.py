@@ -148,7 +148,7 @@ class ScheduleFreeSGD(_ScheduleFree):
 
     def __init__(self, params: ParamsT, lr: float = 1.0, momentum: float = 0.9, weight_decay: float = 0.0,
                  warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0, *,
-                 kernel: str = "auto", on_nonfinite: str = "ignore"):
+                 kernel: str = "auto", on_nonfinite: str = "raise"):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
                         weight_lr_power=weight_lr_power, k=0, train_mode=True, weight_sum=0.0, lr_max=-1.0,
                         scheduled_lr=0.0)
@@ -178,7 +178,7 @@ class ScheduleFreeAdamW(_ScheduleFree):
 
     def __init__(self, params: ParamsT, lr: float = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
-                 weight_lr_power: float = 2.0, *, kernel: str = "auto", on_nonfinite: str = "ignore"):
+                 weight_lr_power: float = 2.0, *, kernel: str = "auto", on_nonfinite: str = "raise"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
                         weight_lr_power=weight_lr_power, k=0, train_mode=True, weight_sum=0.0, lr_max=-1.0,
                         scheduled_lr=0.0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -59,7 +58,7 @@ def compare(source: Source, closure: Closure, n: int = 32) -> Comparison:
                          "the equivalent general-mode source (e.g. SPSA with the same eps) instead")
     params = source.active_params()
     saved_grads = [p.grad for p in params]
-    state = copy.deepcopy(source.state_dict())
+    state = source.snapshot()
     try:
         Backprop(params).estimate(closure)
         g = _flat(params)
@@ -80,6 +79,6 @@ def compare(source: Source, closure: Closure, n: int = 32) -> Comparison:
                           relative_error_single=math.sqrt(err_sq / n) / gn if gn > 0 else math.nan,
                           variance=var, grad_norm=gn, n=n)
     finally:
-        source.load_state_dict(state)
+        source.restore(state)
         for p, gr in zip(params, saved_grads):
             p.grad = gr

@@ -9,7 +9,7 @@ import torch
 
 from .._kernels import group_by_device_dtype, sq_norms
 
-__all__ = ["global_norm", "scale_"]
+__all__ = ["global_norm", "has_graph", "replace_grads", "scale_", "scale_grads"]
 
 # torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); the clipping transforms use the same guard so that
 # ClipNorm matches it exactly and a zero gradient never divides by zero.
@@ -43,3 +43,29 @@ def scale_(grads: Sequence[torch.Tensor], coef: torch.Tensor | float) -> None:
     for group in group_by_device_dtype([list(grads)]):
         c = coef.to(group[0][0].device) if isinstance(coef, torch.Tensor) else coef
         torch._foreach_mul_(group[0], c)
+
+
+def has_graph(grads: Sequence[torch.Tensor]) -> bool:
+    """True when a gradient carries an autograd graph (``backward(create_graph=True)``, e.g. for AdaHessian).
+
+    Such a gradient must not be edited in place: autograd saved it for the Hessian-vector product that
+    differentiates through it. Transforms then compute their statistics on detached values (their factors are
+    constants of the graph) and replace ``.grad`` with a new tensor that extends the graph.
+    """
+    return any(g.requires_grad for g in grads)
+
+
+def replace_grads(params: Sequence[torch.Tensor], new_grads: Sequence[torch.Tensor]) -> None:
+    """``p.grad = new`` for each pair (the out-of-place path for graph-carrying gradients)."""
+    for p, g in zip(params, new_grads):
+        p.grad = g
+
+
+def scale_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], coef: torch.Tensor | float,
+                graph: bool) -> None:
+    """``g *= coef`` in place, or, for graph-carrying gradients, ``p.grad = g * coef`` out of place."""
+    if not graph:
+        scale_(grads, coef)
+        return
+    with torch.enable_grad():
+        replace_grads(params, [g * (coef.to(g.device) if isinstance(coef, torch.Tensor) else coef) for g in grads])

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .._validate import check_positive
+from ._norms import has_graph, replace_grads
 from .base import Transform, grads_of
 
 __all__ = ["AGC"]
@@ -40,6 +41,7 @@ class AGC(Transform):
     """
 
     paper = "High-Performance Large-Scale Image Recognition Without Normalization"
+    keeps_finite = True
 
     def __init__(self, clip: float = 0.01, eps: float = 1e-3):
         self.clip = check_positive("clip", clip)
@@ -52,14 +54,23 @@ class AGC(Transform):
             return {}
         clipped = []
         units = 0
+        graph = has_graph(grads)
+        factors = []
         for p, g in zip(ps, grads):
             max_norm = unitwise_norm(p.detach()).clamp_min(self.eps).mul_(self.clip)
-            g_norm = unitwise_norm(g).clamp_min(_GRAD_EPS)
+            g_norm = unitwise_norm(g.detach()).clamp_min(_GRAD_EPS)
             over = g_norm > max_norm
             # Where the unit is within bounds the factor is exactly 1, so g is untouched bit for bit.
-            g.mul_(torch.where(over, max_norm / g_norm, torch.ones_like(g_norm)))
+            factor = torch.where(over, max_norm / g_norm, torch.ones_like(g_norm))
+            if graph:
+                factors.append(factor)
+            else:
+                g.mul_(factor)
             clipped.append(over.sum())
             units += over.numel()
+        if graph:
+            with torch.enable_grad():
+                replace_grads(ps, [g * f for g, f in zip(grads, factors)])
         return {"clipped_units": torch.stack(clipped).sum(), "units": units}
 
     def __repr__(self) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .._validate import check_int, check_range
-from ._norms import NORM_EPS, global_norm, scale_
+from ._norms import NORM_EPS, global_norm, has_graph, scale_grads
 from .base import Transform, grads_of
 
 __all__ = ["AutoClip"]
@@ -41,6 +41,7 @@ class AutoClip(Transform):
     """
 
     paper = "AutoClip: Adaptive Gradient Clipping for Source Separation Networks"
+    keeps_finite = True
 
     def __init__(self, percentile: float = 10.0, history: int | None = None):
         self.percentile = check_range("percentile", percentile, 0.0, 100.0, low_open=True)
@@ -48,15 +49,16 @@ class AutoClip(Transform):
         self._norms: deque[float] = deque(maxlen=self.history)
 
     def __call__(self, params: Iterable[torch.Tensor]) -> dict[str, Any]:
-        _, grads = grads_of(params)
+        ps, grads = grads_of(params)
         if not grads:
             return {}
-        norm = float(global_norm(grads))
+        with torch.no_grad():
+            norm = float(global_norm(grads))
         self._norms.append(norm)
         clip = percentile(list(self._norms), self.percentile)
         clipped = norm > clip
         if clipped:
-            scale_(grads, clip / (norm + NORM_EPS))
+            scale_grads(ps, grads, clip / (norm + NORM_EPS), has_graph(grads))
         return {"grad_norm": norm, "clip_value": clip, "clipped": clipped}
 
     def state_dict(self) -> dict[str, Any]:

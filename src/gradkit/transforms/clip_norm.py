@@ -14,7 +14,7 @@ import torch
 
 from .._kernels import group_by_device_dtype
 from .._validate import check_positive, check_range
-from ._norms import NORM_EPS, global_norm, scale_
+from ._norms import NORM_EPS, global_norm, has_graph, replace_grads, scale_grads
 from .base import Transform, grads_of
 
 __all__ = ["ClipNorm", "ClipValue"]
@@ -28,6 +28,7 @@ class ClipNorm(Transform):
     """
 
     paper = "On the difficulty of training Recurrent Neural Networks"
+    keeps_finite = True
 
     def __init__(self, max_norm: float, norm_type: float = 2.0):
         self.max_norm = check_positive("max_norm", max_norm)
@@ -37,12 +38,14 @@ class ClipNorm(Transform):
         self.norm_type = nt
 
     def __call__(self, params: Iterable[torch.Tensor]) -> dict[str, Any]:
-        _, grads = grads_of(params)
+        ps, grads = grads_of(params)
         if not grads:
             return {}
-        norm = global_norm(grads, self.norm_type)
-        coef = (self.max_norm / (norm + NORM_EPS)).clamp(max=1.0)
-        scale_(grads, coef)
+        graph = has_graph(grads)
+        with torch.no_grad():
+            norm = global_norm(grads, self.norm_type)
+            coef = (self.max_norm / (norm + NORM_EPS)).clamp(max=1.0)
+        scale_grads(ps, grads, coef, graph)
         return {"grad_norm": norm, "clip_coef": coef}
 
     def __repr__(self) -> str:
@@ -56,15 +59,21 @@ class ClipValue(Transform):
     """
 
     paper = "On the difficulty of training Recurrent Neural Networks"
+    keeps_finite = True
 
     def __init__(self, clip_value: float):
         self.clip_value = check_range("clip_value", clip_value, 0.0, low_open=True)
 
     def __call__(self, params: Iterable[torch.Tensor]) -> dict[str, Any]:
-        _, grads = grads_of(params)
+        ps, grads = grads_of(params)
         if not grads:
             return {}
-        max_abs = global_norm(grads, math.inf)
+        with torch.no_grad():
+            max_abs = global_norm(grads, math.inf)
+        if has_graph(grads):
+            with torch.enable_grad():
+                replace_grads(ps, [g.clamp(-self.clip_value, self.clip_value) for g in grads])
+            return {"max_abs": max_abs}
         for group in group_by_device_dtype([grads]):
             torch._foreach_clamp_min_(group[0], -self.clip_value)
             torch._foreach_clamp_max_(group[0], self.clip_value)

@@ -34,6 +34,7 @@ class GradStats(Transform):
     """
 
     paper = "An Empirical Model of Large-Batch Training"
+    keeps_finite = True
 
     def __init__(self, batch_size: int | None = None, beta: float = 0.9):
         self.batch_size = None if batch_size is None else check_int("batch_size", batch_size, 1)

@@ -15,7 +15,7 @@ import torch
 
 from .._kernels import group_by_device_dtype
 from .._validate import check_beta, check_choice, check_int, check_nonneg
-from ._norms import global_norm
+from ._norms import global_norm, has_graph, replace_grads
 from .base import Transform
 
 __all__ = ["Grokfast"]
@@ -64,8 +64,12 @@ class Grokfast(Transform):
             if filt is None:
                 return {}
         grads = [p.grad for _, p in items]
-        for g_group, f_group in group_by_device_dtype([grads, filt]):
-            torch._foreach_add_(g_group, f_group, alpha=self.lamb)
+        if has_graph(grads):
+            with torch.enable_grad():  # out of place: the graph of .grad is still needed (AdaHessian)
+                replace_grads([p for _, p in items], [torch.add(g, f, alpha=self.lamb) for g, f in zip(grads, filt)])
+        else:
+            for g_group, f_group in group_by_device_dtype([grads, filt]):
+                torch._foreach_add_(g_group, f_group, alpha=self.lamb)
         return {"filtered_norm": self.lamb * global_norm(filt)}
 
     def _ema_update(self, items: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
@@ -74,7 +78,7 @@ class Grokfast(Transform):
         for i, p in fresh:
             self._ema[i] = p.grad.detach().clone()
         if old:
-            emas, grads = [self._ema[i] for i, _ in old], [p.grad for _, p in old]
+            emas, grads = [self._ema[i] for i, _ in old], [p.grad.detach() for _, p in old]
             for e_group, g_group in group_by_device_dtype([emas, grads]):
                 # lerp_(g, 1-α) is α·μ + (1-α)·g in one pass.
                 torch._foreach_lerp_(e_group, g_group, 1.0 - self.alpha)

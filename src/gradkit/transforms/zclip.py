@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .._validate import check_beta, check_choice, check_int, check_positive
-from ._norms import NORM_EPS, global_norm, scale_
+from ._norms import NORM_EPS, global_norm, has_graph, scale_grads
 from .base import Transform, grads_of
 
 __all__ = ["ZClip"]
@@ -31,6 +31,7 @@ class ZClip(Transform):
     """
 
     paper = "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"
+    keeps_finite = True
 
     def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, max_grad_norm: float | None = 1.0,
                  eps: float = 1e-6, warmup_steps: int = 25, mode: str = "zscore",
@@ -66,10 +67,12 @@ class ZClip(Transform):
         return (self.mean + self.z_thresh * std / (z / self.z_thresh)) * self.clip_factor, z
 
     def __call__(self, params: Iterable[torch.Tensor]) -> dict[str, Any]:
-        _, grads = grads_of(params)
+        ps, grads = grads_of(params)
         if not grads:
             return {}
-        norm = float(global_norm(grads))
+        graph = has_graph(grads)
+        with torch.no_grad():
+            norm = float(global_norm(grads))
         if not self.initialized:
             self._buffer.append(norm)
             if len(self._buffer) >= self.warmup_steps:
@@ -79,7 +82,7 @@ class ZClip(Transform):
                 self._buffer = []
             clipped = self.max_grad_norm is not None and norm > self.max_grad_norm
             if self.max_grad_norm is not None:
-                scale_(grads, min(1.0, self.max_grad_norm / (norm + NORM_EPS)))
+                scale_grads(ps, grads, min(1.0, self.max_grad_norm / (norm + NORM_EPS)), graph)
             return {"grad_norm": norm, "threshold": self.max_grad_norm or float("inf"), "clipped": clipped,
                     "z": float("nan")}
         spike, z = self._adaptive_threshold(norm)
@@ -88,7 +91,7 @@ class ZClip(Transform):
             threshold = min(threshold, self.max_grad_norm)
         clipped = norm > threshold
         if clipped:
-            scale_(grads, threshold / (norm + NORM_EPS))
+            scale_grads(ps, grads, threshold / (norm + NORM_EPS), graph)
         if spike is None or not self.skip_update_on_spike:
             # The statistics absorb the clipped norm, so one spike cannot inflate the threshold for later steps.
             x = spike if spike is not None else norm
