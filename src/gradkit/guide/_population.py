@@ -114,7 +114,8 @@ class PopulationOutput:
         nfe: network evaluations per row (a cond + uncond pair counts 2).
         rows: the global indices of the rows in ``x`` (a range of this rank's rows, or the selected rows).
         ancestry: ``(step, ancestors [B])`` for every step that resampled (global indices).
-        info: method-specific extras (ESS history, log-normaliser, chosen indices, ...).
+        info: method-specific extras (ESS history, log-normaliser, chosen indices, ...; ``"comm"``: the
+            collectives' byte count when the rows were split over ranks).
     """
 
     x: Tensor
@@ -366,6 +367,8 @@ class _Population(Guidance):
             if gather and resolved is not None and isinstance(res.rows, range) and len(res.rows) != total:
                 (res.x,) = self._take([res.x], lambda q: torch.arange(total))
                 res.rows = range(total)
+            if resolved is not None:
+                res.info["comm"] = resolved.stats()
         finally:
             self._comm = None
             self._rows = self._total = None
