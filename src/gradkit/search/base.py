@@ -94,8 +94,12 @@ class Searcher:
         return default_popsize(d)
 
     def _sample(self) -> torch.Tensor:
-        """Draw ``[popsize, d]`` candidates from the current distribution (before clipping to the bounds)."""
-        raise NotImplementedError
+        """Draw ``[popsize, d]`` candidates (before clipping to the bounds); by default from N(m, diag σ²)."""
+        return self.m + self.sigma * self._randn(self.popsize)
+
+    def _randn(self, rows: int) -> torch.Tensor:
+        """``[rows, d]`` standard normal draws from the searcher's generator."""
+        return torch.randn(rows, self.dim, generator=self.generator, dtype=self.dtype, device=self.device)
 
     def _update(self, x: torch.Tensor, f: torch.Tensor) -> None:
         """Update the distribution from candidates ``x`` ``[n, d]`` and fitness ``f`` ``[n]``.
@@ -106,8 +110,8 @@ class Searcher:
 
     @property
     def mean(self) -> torch.Tensor:
-        """The centre of the search distribution."""
-        raise NotImplementedError
+        """The centre ``m`` of the search distribution (a copy)."""
+        return self.m.clone()
 
     def _stop_reasons(self) -> dict[str, Any]:
         return {}
@@ -271,13 +275,8 @@ class MirroredSearcher(Searcher):
         n = default_popsize(d)
         return n + n % 2
 
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.m.clone()
-
     def _sample(self) -> torch.Tensor:
-        eps = self.sigma * torch.randn(self.popsize // 2, self.dim, generator=self.generator, dtype=self.dtype,
-                                       device=self.device)
+        eps = self.sigma * self._randn(self.popsize // 2)
         return torch.stack([self.m + eps, self.m - eps], 1).reshape(self.popsize, self.dim)
 
     def _descend(self, grad: torch.Tensor) -> None:

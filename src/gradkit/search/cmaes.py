@@ -100,6 +100,14 @@ class _CMA(Searcher):
         self.mu, self.mueff, self.c1, self.cmu = k.mu, k.mueff, k.c1, k.cmu
         self.cc, self.cs, self.ds, self.chi_n = k.cc, k.cs, k.ds, k.chi_n
 
+    @property
+    def step_size(self) -> float:
+        """The global step size σ."""
+        return self.sigma
+
+    def _after_load(self) -> None:
+        self.fhist = list(self.fhist)
+
     def _whiten(self, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -208,24 +216,15 @@ class CMAES(_CMA):
         self.last_frange = math.inf
 
     def _after_load(self) -> None:
+        super()._after_load()
         self._set_parameters(int(self.popsize))
-        self.fhist = list(self.fhist)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.m.clone()
-
-    @property
-    def step_size(self) -> float:
-        return self.sigma
 
     @property
     def covariance(self) -> torch.Tensor:
         return self.C.clone()
 
     def _sample(self) -> torch.Tensor:
-        z = torch.randn(self.popsize, self.dim, generator=self.generator, dtype=self.dtype, device=self.device)
-        return self.m + self.sigma * (z * self.D) @ self.B.T
+        return self.m + self.sigma * (self._randn(self.popsize) * self.D) @ self.B.T
 
     def _whiten(self, y: torch.Tensor) -> torch.Tensor:
         return ((y @ self.B) / self.D) @ self.B.T  # B D^{-1} Bᵀ y

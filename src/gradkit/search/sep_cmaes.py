@@ -57,20 +57,11 @@ class SepCMAES(_CMA):
         self.last_frange = math.inf
 
     def _after_load(self) -> None:
+        super()._after_load()
         self._set_constants()
-        self.fhist = list(self.fhist)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.m.clone()
-
-    @property
-    def step_size(self) -> float:
-        return self.sigma
 
     def _sample(self) -> torch.Tensor:
-        z = torch.randn(self.popsize, self.dim, generator=self.generator, dtype=self.dtype, device=self.device)
-        return self.m + self.sigma * z * self.c_diag.sqrt()
+        return self.m + self.sigma * self._randn(self.popsize) * self.c_diag.sqrt()
 
     def _whiten(self, y: torch.Tensor) -> torch.Tensor:
         return y / self.c_diag.sqrt()

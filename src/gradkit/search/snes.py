@@ -54,14 +54,6 @@ class SNES(Searcher):
         self.m = self.x0.clone()
         self.sigma = self.sigma0.expand(d).clone()
 
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.m.clone()
-
-    def _sample(self) -> torch.Tensor:
-        s = torch.randn(self.popsize, self.dim, generator=self.generator, dtype=self.dtype, device=self.device)
-        return self.m + self.sigma * s
-
     def _update(self, x: torch.Tensor, f: torch.Tensor) -> None:
         order = torch.argsort(f, stable=True)
         s = (x[order] - self.m) / self.sigma
