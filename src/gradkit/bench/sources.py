@@ -9,19 +9,21 @@ Three measurements, all through :class:`gradkit.Pipeline`:
    likelihood ratio ``n_samples``.
 2. **Peak memory**, in a fresh process per method and model (``--skip-memory`` to omit), from the kernel's
    resident-set statistics (not the torch allocator), with glibc's default allocator settings: the process's
-   peak resident set (``VmHWM``) over three steps, and the same minus the resident set measured after the
-   imports and before the model is built ("above the runtime": parameters, activations, gradients, records,
-   allocator fragmentation and any library code the method pages in — e.g. ``torch._dynamo``, which any
-   ``torch.optim`` optimizer imports). Each ratio divides by the same quantity for three ``torch.no_grad``
-   forwards (inference). All methods use plain SGD (no optimizer state), as MeZO compares against. Two
-   models: one whose activations dominate memory (MLP 64-512×4-10, batch 8192) and one whose parameters
-   dominate (MLP 64-4096-4096-4096-10, 33.9 M parameters, batch 64: MeZO's regime).
+   peak resident set (``VmHWM``) over three steps — everything the process holds, including library code a
+   method pages in (e.g. ``torch._dynamo``, ≈70 MiB, which every ``torch.optim`` optimizer imports) — and
+   the part of it above the runtime, measured after the method took two steps on a tiny MLP and before the
+   model is built: parameters, activations, gradients, restoration records, scratch and allocator
+   fragmentation, i.e. the memory that comes with the model. Each ratio divides by the same quantity for
+   three ``torch.no_grad`` forwards (inference). All methods use plain SGD (no optimizer state), as MeZO
+   compares against. Two models: one whose activations dominate memory (MLP 64-512×4-10, batch 8192) and one
+   whose parameters dominate (MLP 64-4096-4096-4096-10, 33.9 M parameters, batch 64: MeZO's regime).
 3. **Step time relative to one inference forward** on both models (median of repeated steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -141,15 +143,31 @@ def _memory_step(method: str, model: torch.nn.Module, closure: Callable[[], torc
     return lambda: pipe.step(closure)
 
 
+def _warm_up(method: str, sizes: tuple[int, ...], x: torch.Tensor, y: torch.Tensor) -> None:
+    from ..models import mlp
+
+    tiny = mlp((sizes[0], 16, sizes[-1]), seed=0)
+    step = _memory_step(method, tiny, lambda: F.cross_entropy(tiny(x), y))
+    step()
+    step()
+
+
 def memory_child(method: str, kind: str, steps: int = 3) -> dict:
-    """Run in a fresh process: the peak resident set over ``steps`` steps of ``method``, and the runtime's."""
+    """Run in a fresh process: the peak resident set over ``steps`` steps of ``method``, and the runtime's.
+
+    Before the runtime is measured, the method takes two steps on a tiny MLP, so the library code and one-off
+    state it needs (e.g. ``torch._dynamo``, imported by every ``torch.optim`` optimizer) are already resident:
+    "above the runtime" is then the memory that comes with the model.
+    """
     from ..models import mlp
 
     torch.set_num_threads(1)
     sizes, batch = _memory_model(kind)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, sizes[0], generator=gen), torch.randint(0, sizes[-1], (batch,), generator=gen)
-    runtime = _status("VmRSS")  # interpreter, torch, gradkit, the batch: the same for every method
+    _warm_up(method, sizes, x[:4].clone(), y[:4].clone())
+    gc.collect()
+    runtime = _status("VmRSS")  # interpreter, torch, gradkit, the method's code paths, the batch
     model = mlp(sizes, seed=0)
     step = _memory_step(method, model, lambda: F.cross_entropy(model(x), y))
     for _ in range(steps):
@@ -169,10 +187,18 @@ MEMORY_LABELS = {
 }
 
 
-def _memory(kind: str) -> dict[str, dict]:
+def _memory(kind: str, pinned: bool = False) -> dict[str, dict]:
+    """Every method's :func:`memory_child` in a fresh process.
+
+    ``pinned=False``: glibc's default allocator settings, as users run. ``pinned=True``: every block of 64 KiB or
+    more is mmapped and returned at once (``MALLOC_MMAP_THRESHOLD_=65536``), so the resident set follows the
+    live memory closely instead of the allocator's retained heap.
+    """
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):  # glibc's defaults, as users run
+    for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         env.pop(var, None)
+    if pinned:
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = {}
     for method in MEMORY_METHODS:
         code = ("import json; from gradkit.bench.sources import memory_child; "
@@ -290,16 +316,19 @@ def run(args: argparse.Namespace) -> int:
     if not args.skip_memory:
         for kind in ("activations", "parameters"):
             k = kind + ("-quick" if args.quick else "")
-            mem = _memory(k)
             sizes, batch = _memory_model(k)
-            inf = mem["inference"]
-            report += [f"### Peak memory, {kind} dominate (MLP {'-'.join(map(str, sizes))}, batch {batch}: parameters "
-                       f"{inf['param_bytes'] / 2**20:.1f} MiB, one layer's activations "
-                       f"{batch * sizes[1] * 4 / 2**20:.1f} MiB; runtime {inf['runtime'] / 2**20:.0f} MiB)", "",
-                       markdown_table(["method", "peak RSS (MiB)", "ratio to inference",
-                                       "peak above the runtime (MiB)", "ratio to inference"], memory_rows(mem)),
-                       ""]
-            (out / f"memory_{kind}.json").write_text(json.dumps(mem))
+            for pinned in (False, True):
+                mem = _memory(k, pinned=pinned)
+                inf = mem["inference"]
+                alloc = ("glibc's mmap threshold pinned at 64 KiB: the resident set follows live memory" if pinned
+                         else "glibc's default allocator settings")
+                report += [f"### Peak memory, {kind} dominate (MLP {'-'.join(map(str, sizes))}, batch {batch}: "
+                           f"parameters {inf['param_bytes'] / 2**20:.1f} MiB, one layer's activations "
+                           f"{batch * sizes[1] * 4 / 2**20:.1f} MiB; {alloc})", "",
+                           markdown_table(["method", "peak RSS (MiB)", "ratio to inference",
+                                           "peak above the runtime (MiB)", "ratio to inference"], memory_rows(mem)),
+                           ""]
+                (out / f"memory_{kind}{'_pinned' if pinned else ''}.json").write_text(json.dumps(mem))
 
     if not args.skip_time:
         for kind, repeats in (("activations", args.repeats), ("parameters", max(3, args.repeats // 3))):
