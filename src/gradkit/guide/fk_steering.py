@@ -13,6 +13,13 @@ Whatever the potential, the weighted particles then target ``p(x1)·exp(λ·r(x1
 N → ∞, given proposals with the model's marginals; tests check it on an exact Gaussian-mixture sampler). Log-weights
 are carried between resamplings (textbook SMC) and the estimate of ``log Z = log E[exp(λ·r(x1))]`` is kept.
 
+Only ``diff`` makes the intermediate targets the tilts ``p_k·exp(λ·r_k)``; with ``max`` / ``sum`` / ``rt`` the
+running product of potentials grows with the number of potential steps (``exp(λ·Σ_j r_j)`` for rt), so the
+intermediate targets are over-tilted and the final correction must undo it: the limit is the same, but far more
+particles are needed for an accurate *sample* of the target (measured on the mixture test-bed with λ = 1 and a
+potential at every one of 10 steps: ``diff`` is within 2 % with N = 1024 while the others miss a component
+entirely). As reward *optimisers* (the best particle) they work well.
+
 ``reference=True`` reproduces the authors' ``FKD.resample`` (zacharyhorvitz/Fk-Diffusion-Steering,
 ``text_to_image/fkd_diffusers/fkd_class.py``) for parity: rewards of the prediction made at the *start* of the
 step just taken, weights ``exp(λ·…)`` clamped to [0, 1e10] with NaN → 0, multinomial resampling, the running
