@@ -16,9 +16,10 @@ are carried between resamplings (textbook SMC) and the estimate of ``log Z = log
 Only ``diff`` makes the intermediate targets the tilts ``p_k·exp(λ·r_k)``; with ``max`` / ``sum`` / ``rt`` the
 running product of potentials grows with the number of potential steps (``exp(λ·Σ_j r_j)`` for rt), so the
 intermediate targets are over-tilted and the final correction must undo it: the limit is the same, but far more
-particles are needed for an accurate *sample* of the target (measured on the mixture test-bed with λ = 1 and a
-potential at every one of 10 steps: ``diff`` is within 2 % with N = 1024 while the others miss a component
-entirely). As reward *optimisers* (the best particle) they work well.
+particles are needed for an accurate *sample* of the target. On the mixture test-bed (λ = 1, a potential at
+each of 10 steps, N = 1024, 20 runs) ``diff`` estimates the weight of the down-weighted component, 0.0502, as
+0.0507 ± 0.0019, while ``sum`` and ``rt`` leave no particle in it and ``max`` does so in all but rare runs. As
+reward *optimisers* (keeping the best particle) all four work.
 
 ``reference=True`` reproduces the authors' ``FKD.resample`` (zacharyhorvitz/Fk-Diffusion-Steering,
 ``text_to_image/fkd_diffusers/fkd_class.py``) for parity: rewards of the prediction made at the *start* of the
