@@ -77,7 +77,9 @@ class FKSteering(_Population):
         reference: reproduce the authors' ``FKD.resample`` (see the module docstring; default False).
         base: the velocity the particles follow (default :class:`~gradkit.guide.Conditional`; e.g. ``CFG(w)``).
         proposal: a transition ``(x, t, t_next, cond, generator) -> x_next`` replacing the sampler's step (e.g. an
-            exact ancestral kernel in tests); default: the sampler's step (use ``method="sde"``).
+            exact ancestral kernel in tests); default: the sampler's step (use ``method="sde"``). With rows split
+            over ranks a proposal draws from the generator for its own rows only, so the run then differs from a
+            single process's (the built-in SDE step draws for the whole population and does not).
         seed: seed of the resampling generator (default 0; shared by every rank).
         on_nonfinite: ``"raise"`` (default), ``"worst"`` (such a particle gets weight 0) or ``"ignore"``.
         comm: ``"auto"`` (default: split particles over ranks in :meth:`run` when torch.distributed is
