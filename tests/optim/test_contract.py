@@ -32,6 +32,20 @@ def test_negative_lr_names_lr(cls):
         _make(cls, make_params(), lr=-1.0)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_non_finite_lr_names_lr(cls, bad):
+    import inspect
+
+    if "lr" not in inspect.signature(cls).parameters:
+        pytest.skip(f"{cls.__name__} takes no learning rate")
+    with pytest.raises(ValueError, match="lr"):
+        _make(cls, make_params(), lr=bad)
+    opt = _make(cls, make_params()[:2])
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": make_params()[2:], "lr": bad})
+
+
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
 def test_betas_out_of_range_names_betas(cls):
     import inspect

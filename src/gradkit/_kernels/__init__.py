@@ -249,11 +249,20 @@ def sq_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """True when every element of every tensor is finite. One synchronisation, however many tensors.
 
-    Uses the max-norm per tensor: it propagates NaN and Inf and, unlike a sum, cannot overflow on finite data.
+    The 2-norm per tensor propagates NaN and ±Inf and is one fast fused pass (the foreach max-norm is ~70x slower
+    on CPU: 479 vs 6.7 ms over 10M elements). A sum of squares can overflow on finite data (elements above
+    ~1e19 in float32), so a tensor whose 2-norm is not finite is looked at again with the max-norm, which cannot:
+    that second pass (and synchronisation) happens only when something is non-finite or huge.
     """
     if not tensors:
         return True
-    maxes = []
-    for group in group_by_device_dtype([[t.detach() for t in tensors]]):
-        maxes.extend(m.to(torch.float64) for m in torch._foreach_norm(group[0], float("inf")))
-    return bool(torch.isfinite(torch.stack([m.cpu() for m in maxes])).all())
+    groups = group_by_device_dtype([[t.detach() for t in tensors]])
+    dev = groups[0][0][0].device
+    # Half precision is reduced in float32, so a large but finite half tensor is not sent down the slow path.
+    norms = [torch._foreach_norm(g[0], 2, dtype=torch.float32 if g[0][0].element_size() < 4 else None)
+             for g in groups]
+    flags = torch.stack([torch.isfinite(torch.stack(ns)).all().to(dev) for ns in norms])
+    if bool(flags.all()):
+        return True
+    suspects = [t for g, ns in zip(groups, norms) for t, n in zip(g[0], ns) if not bool(torch.isfinite(n))]
+    return all(bool(torch.isfinite(m)) for m in torch._foreach_norm(suspects, float("inf")))

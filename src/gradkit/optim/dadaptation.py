@@ -78,7 +78,7 @@ def _check_d(group: dict[str, Any]) -> None:
     check_nonneg("lr", group["lr"])
     check_nonneg("weight_decay", group["weight_decay"])
     check_positive("d0", group["d0"])
-    check_range("growth_rate", group["growth_rate"], 1.0)
+    check_range("growth_rate", group["growth_rate"], 1.0, allow_inf=True)
 
 
 def _init(state: dict[str, Any], p: torch.Tensor, zeros: tuple[str, ...], copies: tuple[str, ...] = ()) -> bool:

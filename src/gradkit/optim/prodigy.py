@@ -82,7 +82,7 @@ class Prodigy(Optimizer):
         check_nonneg("weight_decay", group["weight_decay"])
         check_positive("d0", group["d0"])
         check_positive("d_coef", group["d_coef"])
-        check_range("growth_rate", group["growth_rate"], 1.0)
+        check_range("growth_rate", group["growth_rate"], 1.0, allow_inf=True)
 
     def _step(self, active):
         lr, active = live_groups(self.param_groups, active)
