@@ -90,6 +90,11 @@ class StatsLogger:
     The CSV is long format so that statistics appearing later (e.g. after a warm-up) need no new columns.
     ``tensorboard=True`` uses ``torch.utils.tensorboard`` when the ``tensorboard`` package is installed, and warns
     (once) and continues with CSV only when it is not.
+
+    Args:
+        logdir: the directory of ``stats.csv`` and the TensorBoard event files (created if needed).
+        csv_file: write ``stats.csv``. Default True.
+        tensorboard: also write TensorBoard events (needs the ``tensorboard`` package). Default False.
     """
 
     def __init__(self, logdir: str | os.PathLike, *, csv_file: bool = True, tensorboard: bool = False):

@@ -37,6 +37,14 @@ class Optimizer(Copyable, torch.optim.Optimizer):
 
     Copies (``copy.deepcopy``, ``pickle``) keep every attribute and step exactly as the original
     (:class:`gradkit._stateful.Copyable`).
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        defaults: the default hyper-parameters of every param group (checked by ``_check_group``).
+        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
+            the same numbers; see :mod:`gradkit._kernels`).
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
+            "Non-finite values").
     """
 
     #: Title of the paper that introduced the method (shown by ``gradkit list``).
@@ -172,7 +180,16 @@ class Optimizer(Copyable, torch.optim.Optimizer):
 
 
 class ElementwiseOptimizer(Optimizer):
-    """An optimizer whose update is one elementwise rule over (param, grad, *state buffers)."""
+    """An optimizer whose update is one elementwise rule over (param, grad, *state buffers).
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        defaults: the default hyper-parameters of every param group.
+        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
+            the same numbers; see :mod:`gradkit._kernels`).
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
+            "Non-finite values").
+    """
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         """Names of the per-parameter state buffers (zeros-initialised, shaped like the parameter)."""

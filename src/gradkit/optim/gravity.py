@@ -35,7 +35,19 @@ GRAVITY = Elementwise(_gravity, "gravity")
 
 
 class Gravity(Optimizer):
-    """Gravity: velocity averaged from gradients damped by their size relative to the tensor's max."""
+    """Gravity: velocity averaged from gradients damped by their size relative to the tensor's max.
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        lr: the learning rate l (must be > 0: the initial velocity's scale is α/l). Default 1e-2.
+        alpha: α, the standard deviation scale of the initial velocity v ~ N(0, (α/l)²), in [0, 1]. Default 0.01.
+        beta: β, the base of the velocity's averaging weight β_t = (β·t + 1)/(t + 2), in [0, 1]. Default 0.9.
+        seed: seed of the initial-velocity draws (None: torch's global generator, as the reference). Default 0.
+        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
+            the same numbers; see :mod:`gradkit._kernels`).
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
+            "Non-finite values").
+    """
 
     paper = "Gravity Optimizer: a Kinematic Approach on Optimization in Deep Learning"
 

@@ -38,6 +38,10 @@ class AutoClip(Transform):
     The current norm is part of the history before the percentile is taken, so the first step is never clipped.
     One host synchronisation per step (the norm joins a Python history).
     Returns ``{"grad_norm", "clip_value", "clipped"}`` as Python numbers.
+
+    Args:
+        percentile: p, the percentile (in (0, 100]) of the observed norms used as the clipping threshold. Default 10.
+        history: keep only the last N norms (None: all of them, as in the paper). Default None.
     """
 
     paper = "AutoClip: Adaptive Gradient Clipping for Source Separation Networks"

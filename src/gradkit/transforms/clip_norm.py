@@ -25,6 +25,10 @@ class ClipNorm(Transform):
 
     Numerically the same as ``torch.nn.utils.clip_grad_norm_`` (same ``1e-6`` guard, no host synchronisation).
     Returns ``{"grad_norm": norm before clipping, "clip_coef": applied factor ≤ 1}`` as 0-d tensors.
+
+    Args:
+        max_norm: c, the largest global norm the gradients may have after clipping (> 0).
+        norm_type: the order of the norm (≥ 1, or inf). Default 2.0.
     """
 
     paper = "On the difficulty of training Recurrent Neural Networks"
@@ -56,6 +60,9 @@ class ClipValue(Transform):
     """Clamp every gradient element to ``[-clip_value, clip_value]`` (as ``torch.nn.utils.clip_grad_value_``).
 
     Returns ``{"max_abs": largest |g| before clamping}`` (0-d tensor, from one fused inf-norm pass).
+
+    Args:
+        clip_value: c, every element is clamped to [−c, c] (> 0).
     """
 
     paper = "On the difficulty of training Recurrent Neural Networks"

@@ -28,6 +28,18 @@ class ZClip(Transform):
     ``skip_update_on_spike=True`` leaves μ and σ² unchanged on a detected spike. ``clip_factor`` multiplies the
     adaptive-scaling threshold. One host synchronisation per step (the decision is made on the host).
     Returns ``{"grad_norm", "threshold", "clipped", "z"}`` as Python numbers (``z`` is NaN during warm-up).
+
+    Args:
+        alpha: α, the EMA decay of the norm's mean μ and variance σ². Default 0.97.
+        z_thresh: z_thresh, the z-score above which a norm counts as a spike. Default 2.5.
+        max_grad_norm: a plain norm clip applied always, also during warm-up (None: none). Default 1.0.
+        eps: ε in z = (‖g‖ − μ)/(σ + ε). Default 1e-6.
+        warmup_steps: the number of norms collected to initialise μ and σ² before clipping adaptively. Default 25.
+        mode: ``'zscore'`` (clip spikes by their z-score) or ``'percentile'`` (always clip to μ + z_thresh·σ). Default
+            'zscore'.
+        clip_option: where a spike is clipped to: ``'adaptive_scaling'`` or ``'mean'`` (μ). Default 'adaptive_scaling'.
+        clip_factor: a multiplier of the adaptive-scaling threshold. Default 1.0.
+        skip_update_on_spike: leave μ and σ² unchanged on a spike. Default False.
     """
 
     paper = "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"
