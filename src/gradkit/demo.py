@@ -27,7 +27,15 @@ __all__ = ["GUIDED_LABEL", "RUNS", "DemoRun", "add_arguments", "guided_panel", "
 
 @dataclass(frozen=True)
 class DemoRun:
-    """One demo line: ``source(model)`` and ``optimizer(params, kernel)`` factories, and a step budget."""
+    """One demo line: ``source(model)`` and ``optimizer(params, kernel)`` factories, and a step budget.
+
+    Args:
+        label: Row name in the table and legend.
+        source: ``source(model) -> gk.sources.Source``.
+        optimizer: ``optimizer(params, kernel) -> torch.optim.Optimizer``.
+        steps: Step budget of the full demo.
+        quick_steps: Step budget with ``--quick``.
+    """
 
     label: str
     source: Callable[[torch.nn.Module], gk.sources.Source]
@@ -59,6 +67,11 @@ RUNS: list[DemoRun] = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the demo's options to the ``gradkit demo`` command.
+
+    Args:
+        p: The command's parser.
+    """
     p.add_argument("--quick", action="store_true", help="short budgets and the foreach kernel (under 30 s)")
     p.add_argument("--out", default="gradkit-demo", help="directory for the table and the loss-curve PNG")
     p.add_argument("--kernel", default=None, help="optimizer kernel (default: auto; foreach with --quick)")
@@ -72,7 +85,17 @@ def _accuracy(model, x, y) -> float:
 
 
 def train_one(spec: DemoRun, steps: int, kernel: str, seed: int, data, bar=None, batch: int = 64):
-    """Train a fresh MLP with ``spec``; returns (losses, test accuracy, seconds)."""
+    """Train a fresh MLP with ``spec``; returns (losses, test accuracy, seconds).
+
+    Args:
+        spec: The run.
+        steps: Steps to train.
+        kernel: The optimizer's ``kernel=``.
+        seed: Seed of the model and the batches.
+        data: ``(x_train, y_train, x_test, y_test)``.
+        bar: A progress bar to advance each step (or None).
+        batch: Batch size. Default 64.
+    """
     xtr, ytr, xte, yte = data
     model = mlp((64, 64, 10), seed=seed)
     pipe = gk.Pipeline(spec.source(model), optimizer=spec.optimizer(model.parameters(), kernel))
@@ -90,6 +113,11 @@ def train_one(spec: DemoRun, steps: int, kernel: str, seed: int, data, bar=None,
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the demo: train every selected run, print the table, write ``demo.md`` and ``demo.png`` under ``args.out``.
+
+    Args:
+        args: The parsed command line.
+    """
     kernel = args.kernel or ("foreach" if args.quick else "auto")
     runs = [r for r in RUNS if not args.only or any(s.strip() in r.label for s in args.only.split(","))]
     guided = not args.only or any(s.strip() in GUIDED_LABEL for s in args.only.split(","))

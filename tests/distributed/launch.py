@@ -13,7 +13,9 @@ WORKERS = Path(__file__).parent / "workers"
 
 
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240.0) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[2]))
+    root = Path(__file__).parents[2]
+    # this checkout's src first: the workers must test the code under test, not another installed copy
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(root / "src"), str(root)]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "--tee=3", str(WORKERS / script), *args]
     try:

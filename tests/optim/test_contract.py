@@ -163,7 +163,7 @@ def test_parameters_without_grad_are_untouched(cls):
 
 
 def test_auto_kernel_resolves_and_warns_once_on_fallback(monkeypatch):
-    import gradkit._kernels as K
+    import gradkit._kernels.compiling as K
 
     monkeypatch.setattr(K, "_probe_result", (False, "test: no compiler"))
     monkeypatch.setattr(K, "_warned_fallback", False)

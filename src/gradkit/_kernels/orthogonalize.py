@@ -21,7 +21,14 @@ NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: Sequence[float] = NS_COEFFICIENTS,
                   eps: float = 1e-7) -> torch.Tensor:
-    """≈ U·Vᵀ of each matrix in ``G`` (shape ``(..., m, n)``); computed in float32 at least, returned in G's dtype."""
+    """≈ U·Vᵀ of each matrix in ``G`` (shape ``(..., m, n)``); computed in float32 at least, returned in G's dtype.
+
+    Args:
+        G: Matrices ``(..., m, n)``.
+        steps: Iterations. Default 5.
+        coefficients: (a, b, c) of the quintic. Default Keller Jordan's.
+        eps: Added to the Frobenius norm before dividing. Default 1e-7.
+    """
     if G.ndim < 2:
         raise ValueError(f"G must have at least 2 dimensions, got shape {tuple(G.shape)}")
     a, b, c = coefficients
@@ -42,7 +49,14 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: Sequence[float]
 
 def newton_schulz_many(mats: Sequence[torch.Tensor], steps: int = 5,
                        coefficients: Sequence[float] = NS_COEFFICIENTS, eps: float = 1e-7) -> list[torch.Tensor]:
-    """:func:`newton_schulz` of each 2-D matrix, matrices of equal shape/dtype/device batched into one stack."""
+    """:func:`newton_schulz` of each 2-D matrix, matrices of equal shape/dtype/device batched into one stack.
+
+    Args:
+        mats: Matrices of any shapes.
+        steps: Iterations. Default 5.
+        coefficients: (a, b, c) of the quintic.
+        eps: Added to the Frobenius norm before dividing.
+    """
     out: list[torch.Tensor | None] = [None] * len(mats)
     index: dict[tuple, list[int]] = {}
     for i, m in enumerate(mats):
@@ -58,7 +72,13 @@ def newton_schulz_many(mats: Sequence[torch.Tensor], steps: int = 5,
 
 
 def ns_polynomial(s: torch.Tensor, steps: int = 5, coefficients: Sequence[float] = NS_COEFFICIENTS) -> torch.Tensor:
-    """What the iteration does to a normalised singular value ``s`` = σ/‖G‖_F (the scalar map, iterated)."""
+    """What the iteration does to a normalised singular value ``s`` = σ/‖G‖_F (the scalar map, iterated).
+
+    Args:
+        s: Normalised singular values.
+        steps: Iterations. Default 5.
+        coefficients: (a, b, c) of the quintic.
+    """
     a, b, c = coefficients
     for _ in range(steps):
         s = a * s + b * s**3 + c * s**5
@@ -67,7 +87,13 @@ def ns_polynomial(s: torch.Tensor, steps: int = 5, coefficients: Sequence[float]
 
 def singular_value_band(steps: int = 5, coefficients: Sequence[float] = NS_COEFFICIENTS, smallest: float = 1e-3
                         ) -> tuple[float, float]:
-    """(min, max) of the output singular values over inputs σ/‖G‖_F in [``smallest``, 1]."""
+    """(min, max) of the output singular values over inputs σ/‖G‖_F in [``smallest``, 1].
+
+    Args:
+        steps: Iterations. Default 5.
+        coefficients: (a, b, c) of the quintic.
+        smallest: Smallest normalised singular value considered. Default 1e-3.
+    """
     s = torch.logspace(torch.log10(torch.tensor(smallest)).item(), 0.0, 200_001, dtype=torch.float64)
     out = ns_polynomial(s, steps, coefficients)
     return float(out.min()), float(out.max())

@@ -14,9 +14,15 @@ from numbers import Number
 
 import torch
 
+__all__ = ["TensorList", "group_by_device_dtype"]
+
 
 class TensorList:
-    """Tensors of one device and dtype, operated on together by foreach kernels."""
+    """Tensors of one device and dtype, operated on together by foreach kernels.
+
+    Args:
+        tensors: The tensors.
+    """
 
     __slots__ = ("ts",)
 
@@ -126,9 +132,6 @@ class TensorList:
     def square(self) -> TensorList:
         return TensorList(torch._foreach_mul(self.ts, self.ts))
 
-    def reciprocal(self) -> TensorList:
-        return TensorList(torch._foreach_reciprocal(self.ts))
-
     def clamp(self, min: float | None = None, max: float | None = None) -> TensorList:  # noqa: A002
         out = self.ts
         if min is not None:
@@ -141,5 +144,16 @@ class TensorList:
         return TensorList([t.clone() for t in self.ts])
 
 
-def as_lists(tensors: Sequence[Sequence[torch.Tensor]]) -> list[TensorList]:
-    return [TensorList(ts) for ts in tensors]
+def group_by_device_dtype(lists: Sequence[Sequence[torch.Tensor]]) -> list[list[list[torch.Tensor]]]:
+    """Split parallel tensor lists into runs sharing the first list's (device, dtype), order preserved.
+
+    Args:
+        lists: Parallel lists of tensors (row i of every list belongs together).
+    """
+    first = lists[0]
+    keys: dict[tuple, list[int]] = {}
+    for i, t in enumerate(first):
+        keys.setdefault((t.device, t.dtype), []).append(i)
+    if len(keys) == 1:
+        return [[list(lst) for lst in lists]]
+    return [[[lst[i] for i in idx] for lst in lists] for idx in keys.values()]

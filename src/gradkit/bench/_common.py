@@ -17,7 +17,14 @@ __all__ = ["machine", "markdown_table", "median_time", "out_dir", "progress", "p
 
 
 def median_time(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20, min_time: float = 0.0) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` calls after ``warmup`` calls."""
+    """Median wall time of ``fn()`` in seconds over ``repeats`` calls after ``warmup`` calls.
+
+    Args:
+        fn: The call to time.
+        warmup: Untimed calls first. Default 3.
+        repeats: Timed calls (at least). Default 20.
+        min_time: Keep timing until this many seconds have passed. Default 0.
+    """
     for _ in range(warmup):
         fn()
     times = []

@@ -34,6 +34,10 @@ def _time(step, n: int) -> float:
 
 
 def main() -> None:
+    """One rank of ``gradkit bench distributed`` (launched by torchrun; reads its settings from the environment).
+
+    Args:
+    """
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1e4,1e5")
     ap.add_argument("--steps", type=int, default=5)

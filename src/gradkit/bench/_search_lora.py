@@ -21,7 +21,12 @@ __all__ = ["essa_demo", "shifted"]
 
 
 def shifted(x: torch.Tensor, shift: str) -> torch.Tensor:
-    """8×8 digits flipped left-right (``"flip"``) or with a fixed random pixel permutation (``"permute"``)."""
+    """8×8 digits flipped left-right (``"flip"``) or with a fixed random pixel permutation (``"permute"``).
+
+    Args:
+        x: Digits images ``[n, 64]``.
+        shift: The distribution shift (``"flip"``...).
+    """
     if shift == "flip":
         idx = torch.arange(64).view(8, 8).flip(1).reshape(-1)
     elif shift == "permute":
@@ -68,6 +73,16 @@ def essa_demo(pretrained: nn.Module, data, *, shift: str = "flip", rank: int = 4
 
     Cost unit: one forward pass over the shifted training set (an ES candidate); a full-batch backprop step
     counts 3 (forward + backward ≈ 2 forwards).
+
+    Args:
+        pretrained: The model trained on the unshifted digits.
+        data: ``(x_train, y_train, x_test, y_test)``.
+        shift: The shift applied to the images. Default ``"flip"``.
+        rank: LoRA rank. Default 4.
+        budget: Fitness evaluations of each searcher. Default 3000.
+        sft_steps: Steps of the short supervised LoRA fine-tune.
+        sft_examples: Shifted examples that fine-tune sees.
+        seed: Seed of every random choice.
     """
     xtr, ytr, xte, yte = data
     sxtr, sxte = shifted(xtr, shift), shifted(xte, shift)

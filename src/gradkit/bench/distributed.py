@@ -26,6 +26,11 @@ HELP = "bytes per step and time per step for distributed ES/SPSA vs DDP, 1 and 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add this benchmark's options to its ``gradkit bench`` sub-command.
+
+    Args:
+        p: The sub-command's parser.
+    """
     p.add_argument("--sizes", default="1e4,1e5,1e6,1e7", help="comma-separated parameter counts")
     p.add_argument("--steps", type=int, default=6, help="timed steps per run (median reported)")
     p.add_argument("--population", type=int, default=8, help="ES population (antithetic) = SPSA 2·directions")
@@ -44,6 +49,11 @@ def _launch(world: int, sizes: str, steps: int, population: int) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; print its tables and write them (and plots) under ``args.out``. Returns the exit code.
+
+    Args:
+        args: The parsed command line.
+    """
     out = out_dir(args.out)
     results: dict[tuple[str, int, int], dict] = {}
     for world in [int(w) for w in args.nprocs.split(",")]:

@@ -20,15 +20,29 @@ HELP = "paper claims reproduced at small scale (table + plots per experiment)"
 
 
 def available() -> list[str]:
+    """Names of the experiments (modules of :mod:`gradkit.bench.experiments`).
+
+    Args:
+    """
     return sorted(m.name for m in pkgutil.iter_modules(experiments.__path__) if not m.name.startswith("_"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add this benchmark's options to its ``gradkit bench`` sub-command.
+
+    Args:
+        p: The sub-command's parser.
+    """
     p.add_argument("--only", default=None, help=f"comma-separated experiments (default all): {', '.join(available())}")
     p.add_argument("--quick", action="store_true", help="smaller budgets, for a smoke run")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the selected experiments and write ``literature.md``. Returns the exit code.
+
+    Args:
+        args: The parsed command line.
+    """
     names = available() if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(names) - set(available()))
     if unknown:

@@ -58,6 +58,11 @@ OPT_KWARGS: dict[str, dict[str, Any]] = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add this benchmark's options to its ``gradkit bench`` sub-command.
+
+    Args:
+        p: The sub-command's parser.
+    """
     p.add_argument("--opt", default=None, help="comma-separated optimizer classes (default: all in gk.optim)")
     p.add_argument("--steps", type=int, default=500, help="training steps per run")
     p.add_argument("--lrs", type=int, default=None, help="use only the first N rates of each grid")
@@ -68,7 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def lr_grid(name: str) -> tuple[float | None, ...]:
-    """Rates to try for optimizer ``name`` (``(None,)`` when it takes no ``lr``)."""
+    """Rates to try for optimizer ``name`` (``(None,)`` when it takes no ``lr``).
+
+    Args:
+        name: A gradkit optimizer class name.
+    """
     if name in LR_GRID:
         return LR_GRID[name]
     param = inspect.signature(getattr(gk.optim, name)).parameters.get("lr")
@@ -79,13 +88,25 @@ def lr_grid(name: str) -> tuple[float | None, ...]:
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor held in the optimizer's per-parameter state."""
+    """Bytes of every tensor held in the optimizer's per-parameter state.
+
+    Args:
+        opt: The optimizer.
+    """
     return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
                if isinstance(v, torch.Tensor))
 
 
 def train_one(name: str, lr: float | None, steps: int, kernel: str, seed: int) -> tuple[TaskResult, int]:
-    """One training run; returns the result and the optimizer-state bytes at the end."""
+    """One training run; returns the result and the optimizer-state bytes at the end.
+
+    Args:
+        name: A gradkit optimizer class name.
+        lr: Learning rate (None: the optimizer's default).
+        steps: Training steps.
+        kernel: The optimizer's ``kernel=``.
+        seed: Seed of the model and the batches.
+    """
     cls = getattr(gk.optim, name)
     holder: list[torch.optim.Optimizer] = []
 
@@ -111,6 +132,11 @@ def train_one(name: str, lr: float | None, steps: int, kernel: str, seed: int) -
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; print its tables and write them (and plots) under ``args.out``. Returns the exit code.
+
+    Args:
+        args: The parsed command line.
+    """
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -27,7 +27,7 @@ import torch
 
 import gradkit as gk
 
-from .._kernels import compile_available, compile_stats
+from .._kernels import add_compile_hook, compile_available
 from ._common import machine, markdown_table, median_time, out_dir, progress, pyplot, write
 
 HELP = "median step time of every optimizer and kernel vs torch fused AdamW and the reference packages"
@@ -83,6 +83,11 @@ OUR_KWARGS: dict[str, dict] = {}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add this benchmark's options to its ``gradkit bench`` sub-command.
+
+    Args:
+        p: The sub-command's parser.
+    """
     p.add_argument("--sizes", default="1e7", help="comma-separated parameter counts, e.g. 1e6,1e7,5e7")
     p.add_argument("--opt", default=None, help="comma-separated optimizer classes (default: all in gk.optim)")
     p.add_argument("--kernels", default="compiled,foreach", help="kernels to time (compiled, foreach, loop)")
@@ -91,10 +96,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def our_optimizers() -> list[str]:
+    """Every gradkit optimizer class name the benchmark times (``gk.optim.available()``).
+
+    Args:
+    """
     return list(gk.optim.available())
 
 
 def make_params(n: int, n_tensors: int = 40) -> list[torch.Tensor]:
+    """``n_tensors`` equal square float32 tensors holding about ``n`` parameters, with fixed random gradients.
+
+    Args:
+        n: Total parameters.
+        n_tensors: Number of tensors. Default 40.
+    """
     side = int(math.sqrt(n / n_tensors))
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(side, side, generator=gen).requires_grad_() for _ in range(n_tensors)]
@@ -104,7 +119,12 @@ def make_params(n: int, n_tensors: int = 40) -> list[torch.Tensor]:
 
 
 def state_buffers(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> int:
-    """Parameter-shaped state tensors per parameter (what a step must stream through memory)."""
+    """Parameter-shaped state tensors per parameter (what a step must stream through memory).
+
+    Args:
+        opt: The optimizer (after one step).
+        params: Its parameters.
+    """
     st = opt.state.get(params[0], {})
     return sum(1 for v in st.values() if isinstance(v, torch.Tensor) and v.shape == params[0].shape)
 
@@ -120,11 +140,15 @@ def _measure(factory: Factory, n: int, repeats: int) -> dict:
             p.grad = g
         opt.step()
 
-    t0 = time.perf_counter()
-    before = sum(compile_stats.values())
-    step()
-    first = time.perf_counter() - t0
-    compiled = sum(compile_stats.values()) - before
+    compiles: list[float] = []
+    hook = add_compile_hook(lambda event: compiles.append(event.seconds))
+    try:
+        t0 = time.perf_counter()
+        step()
+        first = time.perf_counter() - t0
+    finally:
+        hook.remove()
+    compiled = sum(compiles)
     k = state_buffers(opt, params)
     ms = median_time(step, warmup=2, repeats=repeats) * 1e3
     numel = sum(p.numel() for p in params)
@@ -132,6 +156,11 @@ def _measure(factory: Factory, n: int, repeats: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; print its tables and write them (and plots) under ``args.out``. Returns the exit code.
+
+    Args:
+        args: The parsed command line.
+    """
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     names = args.opt.split(",") if args.opt else our_optimizers()
     kernels = [k.strip() for k in args.kernels.split(",")]

@@ -44,6 +44,11 @@ SOLVERS = ("gradkit CMAES", "pycma CMA-ES", "gradkit SepCMAES", "pycma sep-CMA")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add this benchmark's options to its ``gradkit bench`` sub-command.
+
+    Args:
+        p: The sub-command's parser.
+    """
     p.add_argument("--part", default="bbob,overhead,lora", help="comma-separated parts: bbob, overhead, lora")
     p.add_argument("--dims", default="2,5,10,20", help="BBOB dimensions")
     p.add_argument("--instances", default="1-3", help="BBOB instance indices, e.g. 1-3 or 1,2")
@@ -158,6 +163,12 @@ def _parse_range(s: str) -> list[int]:
 
 
 def run_bbob(args, out: Path) -> list[str]:
+    """COCO BBOB: gradkit CMAES/SepCMAES beside pycma; returns the report's Markdown lines.
+
+    Args:
+        args: The parsed command line.
+        out: Output directory (plots).
+    """
     import cocoex
 
     dims, inst, funcs = _parse_range(args.dims), args.instances, _parse_range(args.functions)
@@ -245,6 +256,12 @@ def _plot_ecdf(hits, dims, budget_mult, path: Path) -> None:
 
 # ---- ask/tell overhead -----------------------------------------------------------------------------------------
 def run_overhead(args, out: Path) -> list[str]:
+    """Ask/tell overhead per generation beside pycma; returns the report's Markdown lines.
+
+    Args:
+        args: The parsed command line.
+        out: Output directory.
+    """
     import cma
 
     dims = _parse_range(args.overhead_dims)
@@ -286,6 +303,12 @@ def run_overhead(args, out: Path) -> list[str]:
 
 # ---- ESSA-style LoRA demo ----------------------------------------------------------------------------------------
 def run_lora(args, out: Path) -> list[str]:
+    """The ESSA-style LoRA singular-value search demo; returns the report's Markdown lines.
+
+    Args:
+        args: The parsed command line.
+        out: Output directory (plots).
+    """
     from ..data import digits
     from ..models import train_digits
     from ._search_lora import essa_demo
@@ -324,6 +347,11 @@ def run_lora(args, out: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the selected parts; print the report and write it under ``args.out``. Returns the exit code.
+
+    Args:
+        args: The parsed command line.
+    """
     if args.quick:
         args.dims, args.instances, args.budget = "2,5", "1", min(args.budget, 200.0)
         args.overhead_dims, args.lora_budget = "10,100", min(args.lora_budget, 1000)

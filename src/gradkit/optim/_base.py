@@ -206,6 +206,11 @@ class ElementwiseOptimizer(Optimizer):
         """Scalars the rule needs at ``step`` (1-based), computed in double precision."""
         raise NotImplementedError
 
+    def _fused(self, group: dict[str, Any], lists: list[list[torch.Tensor]], step: int) -> bool:
+        """Under ``kernel="auto"``: run this step with a vendor-fused kernel (torch's) and return True, or
+        return False having changed nothing (the rule then runs). Default: no fused kernel."""
+        return False
+
     def _init_state(self, p: torch.Tensor, keys: tuple[str, ...]) -> dict[str, Any]:
         state = self.state[p]
         if not state:
@@ -229,6 +234,8 @@ class ElementwiseOptimizer(Optimizer):
             for st in states:
                 st["step"] = step
             lists = [ps, [p.grad for p in ps], *([st[k] for st in states] for k in keys)]
+            if self.kernel == "auto" and self._fused(group, lists, step):
+                continue
             rule(self.kernel, lists, self._scalars(group, step))
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._kernels import Elementwise
+from .._kernels import Elementwise, fused_adam
 from .._validate import check_betas, check_nonneg, check_positive
 from ._base import ElementwiseOptimizer, ParamsT
 
@@ -81,6 +81,13 @@ class AdamW(ElementwiseOptimizer):
     def _rule(self, group):
         # A zero decay is a static no-op: the variant without it skips a pass in the foreach/loop kernels.
         return ADAM.variant(amsgrad=bool(group["amsgrad"]), coupled=self._coupled and group["weight_decay"] != 0)
+
+    def _fused(self, group, lists, step):
+        # kernel="auto": torch's fused Adam/AdamW kernel (same algorithm, nothing to compile) where it applies.
+        beta1, beta2 = group["betas"]
+        return fused_adam(lists, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                          weight_decay=group["weight_decay"], step=step, amsgrad=bool(group["amsgrad"]),
+                          decoupled=not self._coupled)
 
     def _scalars(self, group, step):
         beta1, beta2 = group["betas"]

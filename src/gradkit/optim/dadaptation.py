@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .._kernels import Elementwise, sq_norms
+from .._kernels import Elementwise, sq_norm_total
 from .._validate import check_beta, check_betas, check_nonneg, check_positive, check_range
 from ._base import Optimizer, ParamsT
 from ._reduce import live_groups, partials, put_abs_sum, put_sq_sum, put_sum, totals
@@ -130,7 +130,7 @@ class DAdaptSGD(Optimizer):
         d, k = head["d"], head["k"]
         if k == 0:
             # ‖g_0‖ of the raw gradients: the reference's weight-decay term here is computed and discarded.
-            g0_sq = sum(float(x) for x in sq_norms([p.grad for _, ps in active for p in ps]))
+            g0_sq = sq_norm_total([p.grad for _, ps in active for p in ps])
             if g0_sq == 0.0:
                 return  # no information yet (the reference divides by zero here); wait for a gradient
             head["g0_norm"] = math.sqrt(g0_sq)
@@ -210,7 +210,7 @@ class DAdaptAdam(Optimizer):
         sqrt_beta2 = math.sqrt(beta2)
         if k == 0 and decouple and any(g["weight_decay"] != 0 for g, _ in active):
             # The reference returns before the decoupled decay when no gradient has been non-zero yet.
-            if sum(float(x) for x in sq_norms([p.grad for _, ps in active for p in ps])) == 0.0:
+            if sq_norm_total([p.grad for _, ps in active for p in ps]) == 0.0:
                 return
         inner, s_l1 = [], []
         for group, params in active:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .._kernels import Elementwise, sq_norms
+from .._kernels import Elementwise, sq_norm_total, sq_norms
 from .._validate import check_nonneg, check_positive
 from ._base import Optimizer, ParamsT
 from ._reduce import partials, per_tensor, put_sq_sum, totals
@@ -104,7 +104,7 @@ class DoG(Optimizer):
         d2, g2 = totals(dist_sq, grad_sq)
         if "rbar" not in group:
             # ‖x_0‖ of the whole group, as the reference takes it (tensors without a gradient included).
-            x0_sq = float(sum(float(n) for n in sq_norms([p.detach() for p in group["params"]])))
+            x0_sq = sq_norm_total([p.detach() for p in group["params"]])
             group["rbar"] = self._r_eps(group, math.sqrt(x0_sq))
             group["G"] = g2 + group["eps"]
             first = True

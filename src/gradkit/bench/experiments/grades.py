@@ -67,6 +67,12 @@ def _lm(quick: bool) -> tuple[list[list], dict]:
 
 
 def run(out: Path, quick: bool) -> str:
+    """Run the experiment; returns its Markdown section (table and the PNG it wrote).
+
+    Args:
+        out: Output directory.
+        quick: Smaller budgets (smoke run).
+    """
     seeds = [0, 1] if quick else [0, 1, 2]
     steps = 1000 if quick else 2000
     runs: dict[float | None, list[tuple[TaskResult, gk.control.GradES | None]]] = {}

@@ -36,7 +36,11 @@ PAPER_RATIO = 39890 / 910
 
 
 def modmul_data(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x, y, train indices, validation indices) of x·y mod p, split 50/50 by ``seed``."""
+    """(x, y, train indices, validation indices) of x·y mod p, split 50/50 by ``seed``.
+
+    Args:
+        seed: Seed of the 50 % train/validation split.
+    """
     x, y = torch.cartesian_prod(torch.arange(P), torch.arange(1, P)).T
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     half = len(x) // 2
@@ -44,6 +48,14 @@ def modmul_data(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
 
 
 class ModMLP(nn.Module):
+    """An MLP on the concatenated embeddings of x and y predicting x·y mod p.
+
+    Args:
+        d: Embedding width. Default 64.
+        hidden: Hidden width. Default 256.
+        seed: Seed of the initialisation. Default 0.
+    """
+
     def __init__(self, d: int = 64, hidden: int = 256, seed: int = 0):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
@@ -57,6 +69,14 @@ class ModMLP(nn.Module):
 
 @dataclass
 class Run:
+    """One run's validation curve and the step it first reached 95 %.
+
+    Args:
+        steps: Evaluation steps.
+        val_acc: Validation accuracy at each.
+        reached: First step at 95 % validation accuracy (None: not within the budget).
+        seconds: Training wall time.
+    """
     steps: list[int] = field(default_factory=list)
     val_acc: list[float] = field(default_factory=list)
     reached: int | None = None
@@ -65,6 +85,17 @@ class Run:
 
 def train(seed: int, grokfast: bool, opt: str, weight_decay: float, budget: int, eval_every: int = 50,
           batch: int = 512) -> Run:
+    """One run of modular multiplication; see the module docstring.
+
+    Args:
+        seed: Seed of the split, initialisation and batches.
+        grokfast: Filter gradients with Grokfast-EMA.
+        opt: ``"adam"`` or ``"adamw"``.
+        weight_decay: Weight decay.
+        budget: Maximum steps.
+        eval_every: Evaluate every this many steps. Default 50.
+        batch: Batch size. Default 512.
+    """
     x, y, tr, va = modmul_data(seed)
     target = x * y % P
     model = ModMLP(seed=seed)
@@ -108,6 +139,12 @@ def _median(vals: list[float]) -> float:
 
 
 def run(out: Path, quick: bool) -> str:
+    """Run the experiment; returns its Markdown section (table and the PNG it wrote).
+
+    Args:
+        out: Output directory.
+        quick: Smaller budgets (smoke run).
+    """
     seeds = [0, 1] if quick else [0, 1, 2]
     budget = 2500 if quick else 8000
     # (label, optimizer, baseline weight decay, Grokfast weight decay, seeds)

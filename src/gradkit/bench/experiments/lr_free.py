@@ -71,6 +71,12 @@ def _mean(xs: list[float]) -> float:
 
 
 def run(out: Path, quick: bool) -> str:
+    """Run the experiment; returns its Markdown section (table and the PNG it wrote).
+
+    Args:
+        out: Output directory.
+        quick: Smaller budgets (smoke run).
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 64-wide MLP runs fastest on one thread (and is not slowed by a busy machine)
     try:

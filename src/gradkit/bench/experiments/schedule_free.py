@@ -63,6 +63,12 @@ def _train(task: str, method: str, lr: float, steps: int, seed: int, data) -> tu
 
 
 def run(out: Path, quick: bool) -> str:
+    """Run the experiment; returns its Markdown section (table and the PNG it wrote).
+
+    Args:
+        out: Output directory.
+        quick: Smaller budgets (smoke run).
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # these small models run fastest on one thread, and a busy machine slows them least
     try:
