@@ -54,10 +54,8 @@ class AdaHessian(Optimizer):
         weight_decay: λ: lr·λ·p is added to the step, as torch-optimizer does. Default 0.
         hessian_power: k, the power of the Hessian-diagonal denominator (√v)^k, in [0, 1]. Default 0.5.
         seed: seed of the Rademacher probes z of the Hutchinson estimate (saved in ``state_dict``). Default 0.
-        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
-            the same numbers; see :mod:`gradkit._kernels`).
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
-            "Non-finite values").
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
     """
 
     paper = "ADAHESSIAN: An Adaptive Second Order Optimizer for Machine Learning"

@@ -51,10 +51,8 @@ class AdEMAMix(ElementwiseOptimizer):
         alpha: α, the weight of the slow EMA m2 in the update. Default 5.0.
         t_alpha_beta3: T_{α,β3}, the number of steps over which α and β3 warm up (None: no warm-up). Default None.
         eps: ε in the denominator. Default 1e-8.
-        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
-            the same numbers; see :mod:`gradkit._kernels`).
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
-            "Non-finite values").
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
     """
 
     paper = "The AdEMAMix Optimizer: Better, Faster, Older"

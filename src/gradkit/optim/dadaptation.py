@@ -103,10 +103,8 @@ class DAdaptSGD(Optimizer):
         weight_decay: λ_wd, added to the gradient. Default 0.
         d0: d_0, the initial lower bound on the distance to the solution. Default 1e-6.
         growth_rate: the largest factor by which d may grow in one step (inf: unbounded). Default inf.
-        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
-            the same numbers; see :mod:`gradkit._kernels`).
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
-            "Non-finite values").
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
     """
 
     paper = "Learning-Rate-Free Learning by D-Adaptation"
@@ -174,10 +172,8 @@ class DAdaptAdam(Optimizer):
         d0: d_0, the initial lower bound on the distance to the solution. Default 1e-6.
         growth_rate: the largest factor by which d may grow in one step (inf: unbounded). Default inf.
         layer_scale: a per-group multiplier of the step. Default 1.0.
-        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
-            the same numbers; see :mod:`gradkit._kernels`).
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
-            "Non-finite values").
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
     """
 
     paper = "Learning-Rate-Free Learning by D-Adaptation"

@@ -52,10 +52,8 @@ class DiffGrad(ElementwiseOptimizer):
         fixed_decay: with ``weight_decouple``, decay by λ instead of lr·λ. Default False.
         ams_bound: use AMSGrad's running maximum of v. Default False.
         eps: ε in the denominator. Default 1e-8.
-        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
-            the same numbers; see :mod:`gradkit._kernels`).
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
-            "Non-finite values").
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
     """
 
     paper = "diffGrad: An Optimization Method for Convolutional Neural Networks"

@@ -56,10 +56,8 @@ class DoG(Optimizer):
         weight_decay: λ, adds λ·x to the gradient before the norms are taken. Default 0.
         eps: ε under the square root of the summed squared gradient norms. Default 1e-8.
         init_eta: the first step size η_0, overriding r_ε (None: use reps_rel). Default None.
-        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
-            the same numbers; see :mod:`gradkit._kernels`).
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
-            "Non-finite values").
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
     """
 
     paper = "DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size Schedule"
@@ -124,16 +122,8 @@ class LDoG(DoG):
     """Layer-wise DoG: the DoG step size computed for each parameter tensor on its own.
 
     Args:
-        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
-        reps_rel: r_ε relative to the initial point: r_ε = reps_rel·(1 + ‖x_0‖), the first 'distance'. Default 1e-6.
-        lr: c, a multiplier of the DoG step size (keep 1). Default 1.0.
-        weight_decay: λ, adds λ·x to the gradient before the norms are taken. Default 0.
-        eps: ε under the square root of the summed squared gradient norms. Default 1e-8.
-        init_eta: the first step size η_0, overriding r_ε (None: use reps_rel). Default None.
-        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
-            the same numbers; see :mod:`gradkit._kernels`).
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
-            "Non-finite values").
+        params, reps_rel, lr, weight_decay, eps, init_eta, kernel, on_nonfinite: as for :class:`DoG`, with the
+            distances and gradient norms taken per tensor.
     """
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:

@@ -70,10 +70,8 @@ class FRUGAL(Optimizer):
         update_gap: T, the number of steps between subspace refreshes (the state is reset then). Default 200.
         free_lr: the learning rate of the state-free signSGD step on the complement (None: ``lr``). Default None.
         seed: seed of the random projections and block choices. Default 0.
-        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
-            the same numbers; see :mod:`gradkit._kernels`).
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
-            "Non-finite values").
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
     """
 
     paper = "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable Training"

@@ -43,10 +43,8 @@ class Gravity(Optimizer):
         alpha: α, the standard deviation scale of the initial velocity v ~ N(0, (α/l)²), in [0, 1]. Default 0.01.
         beta: β, the base of the velocity's averaging weight β_t = (β·t + 1)/(t + 2), in [0, 1]. Default 0.9.
         seed: seed of the initial-velocity draws (None: torch's global generator, as the reference). Default 0.
-        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
-            the same numbers; see :mod:`gradkit._kernels`).
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
-            "Non-finite values").
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
     """
 
     paper = "Gravity Optimizer: a Kinematic Approach on Optimization in Deep Learning"

@@ -39,10 +39,8 @@ class Lion(ElementwiseOptimizer):
         betas: (β1, β2): β1 interpolates momentum and gradient inside the sign, β2 is the momentum's decay. Default
             (0.9, 0.99).
         weight_decay: λ, decoupled: p ← p·(1 − lr·λ). Default 0.
-        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
-            the same numbers; see :mod:`gradkit._kernels`).
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
-            "Non-finite values").
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
     """
 
     paper = "Symbolic Discovery of Optimization Algorithms"

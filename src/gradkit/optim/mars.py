@@ -82,10 +82,8 @@ class MARS(Optimizer):
         weight_decay_1d: λ for 1-D tensors under AdamW. Default 0.1.
         fixed_decay: decay by λ instead of lr·λ. Default False.
         eps: ε in the denominator. Default 1e-8.
-        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
-            the same numbers; see :mod:`gradkit._kernels`).
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
-            "Non-finite values").
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
     """
 
     paper = "MARS: Unleashing the Power of Variance Reduction for Training Large Models"

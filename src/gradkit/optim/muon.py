@@ -84,10 +84,8 @@ class Muon(Optimizer):
         adamw_weight_decay: AdamW's decoupled λ. Default 0.
         use_muon: which tensors get Muon: None (tensors with ≥ 2 dimensions), True or False for the whole group. Default
             None.
-        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
-            the same numbers; see :mod:`gradkit._kernels`).
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
-            "Non-finite values").
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
     """
 
     paper = "Muon: An optimizer for hidden layers in neural networks"

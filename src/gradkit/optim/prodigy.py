@@ -71,13 +71,11 @@ class Prodigy(Optimizer):
         decouple: decoupled weight decay x ← x − λ_wd·d·λ·x; False adds it to the gradient. Default True.
         use_bias_correction: apply Adam's bias correction to d·λ. Default False.
         safeguard_warmup: leave λ out of s (for warm-up schedules). Default False.
-        d0: d_0, the initial estimate of the distance to the solution. Default 1e-6.
+        d0: d_0, the starting value of the estimate d (a lower bound on the distance to the solution). Default 1e-6.
         d_coef: a multiplier of the estimate d. Default 1.0.
-        growth_rate: the largest factor by which d may grow in one step (inf: unbounded). Default inf.
-        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
-            the same numbers; see :mod:`gradkit._kernels`).
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
-            "Non-finite values").
+        growth_rate: the cap on d's growth per step, d_{k+1} ≤ growth_rate·d_k (inf: no cap). Default inf.
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
     """
 
     paper = "Prodigy: An Expeditiously Adaptive Parameter-Free Learner"

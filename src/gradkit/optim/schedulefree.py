@@ -149,13 +149,7 @@ class ScheduleFreeSGD(_ScheduleFree):
         lr: the learning rate γ. Default 1.0.
         momentum: β, the interpolation y = (1 − β)·z + β·x (must be > 0). Default 0.9.
         weight_decay: λ, added to the gradient at y. Default 0.
-        warmup_steps: the number of steps over which γ warms up linearly. Default 0.
-        r: the power of t in the averaging weight w_t = t^r·γ_max^p. Default 0.
-        weight_lr_power: p, the power of the largest learning rate γ_max in w_t. Default 2.0.
-        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
-            the same numbers; see :mod:`gradkit._kernels`).
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
-            "Non-finite values").
+        warmup_steps, r, weight_lr_power, kernel, on_nonfinite: as for :class:`ScheduleFreeAdamW`.
     """
 
     paper = "The Road Less Scheduled"
@@ -196,10 +190,8 @@ class ScheduleFreeAdamW(_ScheduleFree):
         warmup_steps: the number of steps over which γ warms up linearly. Default 0.
         r: the power of t in the averaging weight w_t = t^r·γ_max^p. Default 0.
         weight_lr_power: p, the power of the largest learning rate γ_max in w_t. Default 2.0.
-        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
-            the same numbers; see :mod:`gradkit._kernels`).
-        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
-            "Non-finite values").
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
     """
 
     paper = "The Road Less Scheduled"

@@ -14,7 +14,7 @@ import torch
 
 from .._kernels import group_by_device_dtype
 from .._validate import check_positive, check_range
-from ._norms import NORM_EPS, global_norm, has_graph, replace_grads, scale_grads
+from ._norms import NORM_EPS, global_norm, has_graph, measure, replace_grads, scale_grads
 from .base import Transform, grads_of
 
 __all__ = ["ClipNorm", "ClipValue"]
@@ -42,14 +42,12 @@ class ClipNorm(Transform):
         self.norm_type = nt
 
     def __call__(self, params: Iterable[torch.Tensor]) -> dict[str, Any]:
-        ps, grads = grads_of(params)
-        if not grads:
+        measured = measure(params, self.norm_type)
+        if measured is None:
             return {}
-        graph = has_graph(grads)
-        with torch.no_grad():
-            norm = global_norm(grads, self.norm_type)
-            coef = (self.max_norm / (norm + NORM_EPS)).clamp(max=1.0)
-        scale_grads(ps, grads, coef, graph)
+        ps, grads, norm = measured
+        coef = (self.max_norm / (norm + NORM_EPS)).clamp(max=1.0)
+        scale_grads(ps, grads, coef)
         return {"grad_norm": norm, "clip_coef": coef}
 
     def __repr__(self) -> str:

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from .._validate import check_beta, check_choice, check_int, check_positive
-from ._norms import NORM_EPS, global_norm, has_graph, scale_grads
-from .base import Transform, grads_of
+from ._norms import NORM_EPS, measure, scale_grads
+from .base import Transform
 
 __all__ = ["ZClip"]
 
@@ -79,12 +79,9 @@ class ZClip(Transform):
         return (self.mean + self.z_thresh * std / (z / self.z_thresh)) * self.clip_factor, z
 
     def __call__(self, params: Iterable[torch.Tensor]) -> dict[str, Any]:
-        ps, grads = grads_of(params)
-        if not grads:
+        if (measured := measure(params)) is None:
             return {}
-        graph = has_graph(grads)
-        with torch.no_grad():
-            norm = float(global_norm(grads))
+        ps, grads, norm = measured[0], measured[1], float(measured[2])  # the decision is taken on the host
         if not self.initialized:
             self._buffer.append(norm)
             if len(self._buffer) >= self.warmup_steps:
@@ -94,7 +91,7 @@ class ZClip(Transform):
                 self._buffer = []
             clipped = self.max_grad_norm is not None and norm > self.max_grad_norm
             if self.max_grad_norm is not None:
-                scale_grads(ps, grads, min(1.0, self.max_grad_norm / (norm + NORM_EPS)), graph)
+                scale_grads(ps, grads, min(1.0, self.max_grad_norm / (norm + NORM_EPS)))
             return {"grad_norm": norm, "threshold": self.max_grad_norm or float("inf"), "clipped": clipped,
                     "z": float("nan")}
         spike, z = self._adaptive_threshold(norm)
@@ -103,7 +100,7 @@ class ZClip(Transform):
             threshold = min(threshold, self.max_grad_norm)
         clipped = norm > threshold
         if clipped:
-            scale_grads(ps, grads, threshold / (norm + NORM_EPS), graph)
+            scale_grads(ps, grads, threshold / (norm + NORM_EPS))
         if spike is None or not self.skip_update_on_spike:
             # The statistics absorb the clipped norm, so one spike cannot inflate the threshold for later steps.
             x = spike if spike is not None else norm
