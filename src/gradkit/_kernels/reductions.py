@@ -62,23 +62,30 @@ def sq_norm_total(tensors: Sequence[torch.Tensor]) -> float:
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """True when every element of every tensor is finite. One synchronisation, however many tensors and devices.
 
-    The 2-norm per tensor propagates NaN and ±Inf and is one fast fused pass; the foreach max-norm is not on CPU
-    (479 vs 6.7 ms over 10M float32 elements in 40 tensors, 2 threads, contended). A sum of squares can overflow
-    on finite data (elements above ~1e19 in float32), so a tensor whose 2-norm is not finite is looked at again
-    with the max-norm, which cannot: that second pass (and synchronisation) happens only when something is
-    non-finite or huge. Each device and dtype reduces its own tensors to one flag on the device; the flags of all
-    devices are gathered on one device and read back once. Half precision is reduced in float32.
+    Two fast fused passes per device and dtype, the max and the 2-norm of each tensor: a NaN or +Inf makes the max
+    non-finite, a −Inf makes the 2-norm infinite. (The foreach max-norm, which would settle everything in one pass,
+    is not fused on CPU: 479 ms over 10M float32 elements in 40 tensors against 1 + 2 ms for these two.) A sum of
+    squares can overflow on finite data (elements above ~1e19 in float32), so when only the 2-norm is non-finite
+    the answer is settled with the max-norm: a second pass and synchronisation, only for a −Inf or huge values.
+    Each device and dtype reduces its own tensors to two flags on the device; the flags of all devices are
+    gathered on one device and read back once. Half precision is reduced in float32.
 
     Args:
         tensors: The tensors (``None`` entries are not allowed).
     """
-    if not tensors:
+    ts = [t.detach() for t in tensors if t.numel()]
+    if not ts:
         return True
-    groups = group_by_device_dtype([[t.detach() for t in tensors]])
-    norms = [torch._foreach_norm(g[0], 2, dtype=torch.float32 if g[0][0].element_size() < 4 else None)
-             for g in groups]
-    flags = [torch.isfinite(torch.stack(ns)).all() for ns in norms]
-    if bool(_to_one_device(flags).all()):
+    groups = group_by_device_dtype([ts])
+    flags = []
+    for g in groups:
+        maxes = torch.stack(torch._foreach_max(g[0]))
+        norms = torch.stack(torch._foreach_norm(g[0], 2, dtype=torch.float32 if g[0][0].element_size() < 4 else None))
+        flags.append(torch.stack([torch.isfinite(maxes).all(), torch.isfinite(norms).all()]))
+    ok = _to_one_device(flags).all(0)
+    code = int(ok[0].long() + 2 * ok[1].long())  # the one read: bit 0 = every max finite, bit 1 = every 2-norm
+    if not code & 1:
+        return False
+    if code & 2:
         return True
-    suspects = [t for g, ns in zip(groups, norms) for t, n in zip(g[0], ns) if not bool(torch.isfinite(n))]
-    return all(bool(torch.isfinite(m)) for m in torch._foreach_norm(suspects, float("inf")))
+    return all(bool(torch.isfinite(m)) for g in groups for m in torch._foreach_norm(g[0], float("inf")))
