@@ -448,7 +448,7 @@ def test_nonfinite_raise_skip_ignore(name):
     assert torch.equal(rng, rule.generator.get_state()) and rule.step_count == 0
     rule.on_nonfinite = "skip"
     assert math.isnan(float(rule.estimate(lambda: (bad, y))))
-    assert rule.skipped == 1 and all(p.grad is None for p in rule.parameters())
+    assert rule.nonfinite_skips == 1 and all(p.grad is None for p in rule.parameters())
     assert torch.equal(rng, rule.generator.get_state())
     rule.on_nonfinite = "ignore"
     rule.estimate(lambda: (bad, y))

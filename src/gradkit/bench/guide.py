@@ -186,6 +186,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: these small "
                    "MLPs gain little from more, and timings stay comparable on a shared machine)")
     p.add_argument("--no-grids", action="store_true", help="skip the PNG grids")
+    from . import _guide_particles
+
+    _guide_particles.add_arguments(p)   # --part particles (guided sampling part 2) and its options
 
 
 @dataclass
@@ -300,6 +303,10 @@ def _claims(results: list[Result]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "part", "methods") == "particles":
+        from . import _guide_particles
+
+        return _guide_particles.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick or args.tiny

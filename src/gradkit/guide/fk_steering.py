@@ -13,6 +13,14 @@ Whatever the potential, the weighted particles then target ``p(x1)·exp(λ·r(x1
 N → ∞, given proposals with the model's marginals; tests check it on an exact Gaussian-mixture sampler). Log-weights
 are carried between resamplings (textbook SMC) and the estimate of ``log Z = log E[exp(λ·r(x1))]`` is kept.
 
+Only ``diff`` makes the intermediate targets the tilts ``p_k·exp(λ·r_k)``; with ``max`` / ``sum`` / ``rt`` the
+running product of potentials grows with the number of potential steps (``exp(λ·Σ_j r_j)`` for rt), so the
+intermediate targets are over-tilted and the final correction must undo it: the limit is the same, but far more
+particles are needed for an accurate *sample* of the target. On the mixture test-bed (λ = 1, a potential at
+each of 10 steps, N = 1024, 20 runs) ``diff`` estimates the weight of the down-weighted component, 0.0502, as
+0.0507 ± 0.0019, while ``sum`` and ``rt`` leave no particle in it and ``max`` does so in all but rare runs. As
+reward *optimisers* (keeping the best particle) all four work.
+
 ``reference=True`` reproduces the authors' ``FKD.resample`` (zacharyhorvitz/Fk-Diffusion-Steering,
 ``text_to_image/fkd_diffusers/fkd_class.py``) for parity: rewards of the prediction made at the *start* of the
 step just taken, weights ``exp(λ·…)`` clamped to [0, 1e10] with NaN → 0, multinomial resampling, the running
@@ -69,7 +77,9 @@ class FKSteering(_Population):
         reference: reproduce the authors' ``FKD.resample`` (see the module docstring; default False).
         base: the velocity the particles follow (default :class:`~gradkit.guide.Conditional`; e.g. ``CFG(w)``).
         proposal: a transition ``(x, t, t_next, cond, generator) -> x_next`` replacing the sampler's step (e.g. an
-            exact ancestral kernel in tests); default: the sampler's step (use ``method="sde"``).
+            exact ancestral kernel in tests); default: the sampler's step (use ``method="sde"``). With rows split
+            over ranks a proposal draws from the generator for its own rows only, so the run then differs from a
+            single process's (the built-in SDE step draws for the whole population and does not).
         seed: seed of the resampling generator (default 0; shared by every rank).
         on_nonfinite: ``"raise"`` (default), ``"worst"`` (such a particle gets weight 0) or ``"ignore"``.
         comm: ``"auto"`` (default: split particles over ranks in :meth:`run` when torch.distributed is

@@ -34,8 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._validate import check_int, check_nonfinite
-from ..errors import NonFiniteError
+from .._validate import check_int
 from .base import Closure, Source
 
 __all__ = ["LocalRule", "as_blocks", "block_width"]
@@ -114,10 +113,10 @@ def _batch(closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:
 class LocalRule(Source):
     """Base of the local learning rules: blocks, the rule's own parameters, per-block gradients, state.
 
-    ``on_nonfinite``: ``"raise"`` raises :class:`~gradkit.NonFiniteError` when a local loss or gradient is NaN/Inf,
-    with ``.grad`` and the random stream as they were (a :class:`~gradkit.Pipeline` then restores and skips or
-    raises by its own policy); ``"skip"`` does the same without raising, counts the step in ``skipped`` and returns
-    a NaN loss; ``"ignore"`` checks nothing. ``"worst"`` (population stages only) raises ``ValueError``.
+    ``on_nonfinite`` (checked once per step over the summed loss and every gradient, as every source does):
+    ``"raise"`` raises :class:`~gradkit.NonFiniteError` with ``.grad`` and the random stream as they were;
+    ``"skip"`` writes no gradient (``.grad = None``), leaves the stream as it was, counts ``nonfinite_skips`` and
+    returns a NaN loss; ``"ignore"`` checks nothing. ``"worst"`` (population stages only) raises ``ValueError``.
 
     Args:
         blocks: the network's blocks (see :func:`as_blocks`).
@@ -132,6 +131,9 @@ class LocalRule(Source):
     :class:`~gradkit.NonFiniteError` leaves ``.grad`` and the random stream as they were.
     """
 
+    runs_backward = True  # gradients come from autograd (per block): gradient hooks fire
+    self_guarded = True  # estimate runs under Source._guarded: a Pipeline need not snapshot it again
+
     def __init__(self, blocks: nn.Module | Sequence[nn.Module], aux: nn.Module | None = None, *, seed: int = 0,
                  on_nonfinite: str = "raise"):
         self.blocks = as_blocks(blocks)
@@ -139,12 +141,10 @@ class LocalRule(Source):
         self.module.blocks = self.blocks
         self.module.aux = aux if aux is not None else nn.Module()
         self.aux = self.module.aux
-        super().__init__(self.module)
+        super().__init__(self.module, on_nonfinite=on_nonfinite)
         self.seed = check_int("seed", seed, 0)
-        self.on_nonfinite = check_nonfinite(on_nonfinite, ("raise", "skip", "ignore"), where=type(self).__name__)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.step_count = 0
-        self.skipped = 0
         self._grads: dict[int, torch.Tensor] | None = None
 
     # -- what users call --------------------------------------------------------------------------------------
@@ -154,23 +154,30 @@ class LocalRule(Source):
 
     def estimate(self, closure: Closure) -> torch.Tensor:
         x, y = _batch(closure)
-        rng = self.generator.get_state()
-        self._grads = {}
-        try:
-            with torch.enable_grad():
-                total = self._local_step(x, y)
-        except NonFiniteError:
-            self.generator.set_state(rng)
-            self._grads = None
-            if self.on_nonfinite == "raise":
-                raise
-            self.skipped += 1
-            return torch.tensor(float("nan"))
-        grads, self._grads = self._grads, None
-        for p in self.active_params():
-            p.grad = grads.get(id(p))
-        self.step_count += 1
-        return total.detach()
+        params = self.active_params()
+
+        def compute() -> torch.Tensor:
+            self._grads = {}
+            try:
+                with torch.enable_grad():
+                    total = self._local_step(x, y)
+                grads = self._grads
+            finally:
+                self._grads = None
+            for p in params:
+                p.grad = grads.get(id(p))
+            self.step_count += 1
+            return total.detach()
+
+        return self._guarded(params, compute)
+
+    # One estimate changes only the random stream and the counter (the rule's weights move in the optimizer).
+    def snapshot(self) -> Any:
+        return (self.step_count, self.generator.get_state())
+
+    def restore(self, snapshot: Any) -> None:
+        self.step_count, rng = snapshot
+        self.generator.set_state(rng)
 
     # -- for subclasses ---------------------------------------------------------------------------------------
     def _local_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -189,17 +196,10 @@ class LocalRule(Source):
                     out.append(p)
         return out
 
-    def _check(self, loss: torch.Tensor, where: str) -> None:
-        if self.on_nonfinite != "ignore" and not bool(torch.isfinite(loss.detach()).all()):
-            raise NonFiniteError(f"{type(self).__name__}: the local loss of {where} is {float(loss.detach())}; "
-                                 "nothing was updated")
-
     def _grad(self, loss: torch.Tensor, params: Iterable[torch.Tensor], where: str,
               grad_output: torch.Tensor | None = None) -> None:
         """Add d(loss)/d(params) to the pending gradients (``grad_output`` for a vector-Jacobian product);
-        the graph behind ``loss`` is freed."""
-        if grad_output is None:
-            self._check(loss, where)
+        the graph behind ``loss`` is freed. (Finiteness is checked once, at the end, by ``Source._guarded``.)"""
         params = list(params)
         if not params:
             return
@@ -207,24 +207,21 @@ class LocalRule(Source):
         for p, g in zip(params, gs):
             if g is None:
                 continue
-            if self.on_nonfinite != "ignore" and not bool(torch.isfinite(g).all()):
-                raise NonFiniteError(f"{type(self).__name__}: a gradient of {where} is NaN or Inf; nothing was "
-                                     "updated")
             prev = self._grads.get(id(p))
             self._grads[id(p)] = g if prev is None else prev + g
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step_count, "skipped": self.skipped, "seed": self.seed,
+        return {"step": self.step_count, "nonfinite_skips": self.nonfinite_skips, "seed": self.seed,
                 "rng": self.generator.get_state(),
                 "aux": {k: v.detach().clone() for k, v in self.aux.state_dict().items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"step", "skipped", "seed", "rng", "aux"} - set(state)
+        missing = {"step", "nonfinite_skips", "seed", "rng", "aux"} - set(state)
         if missing:
             raise ValueError(f"{type(self).__name__}.load_state_dict: missing keys {sorted(missing)}")
         self.aux.load_state_dict(state["aux"])
         self.step_count = int(state["step"])
-        self.skipped = int(state["skipped"])
+        self.nonfinite_skips = int(state["nonfinite_skips"])
         self.seed = int(state["seed"])
         self.generator.set_state(state["rng"])

@@ -146,14 +146,14 @@ class ForwardForward(LocalRule):
         neg = self.negative_labels(x, y)
         b = x.shape[0]
         h = torch.cat([self.embed_labels(x, y), self.embed_labels(x, neg)])
-        total = torch.zeros((), dtype=torch.float64)
+        total = None
         for i, block in enumerate(self.blocks):
             out = block(self._block_input(i, h))
             loss = self.block_loss(i, out[:b], out[b:])
-            total += float(loss.detach())
+            total = loss.detach() if total is None else total + loss.detach()
             self._grad(loss, self._trainable(block), f"block {i}")
             h = out.detach()
-        return total.to(x.dtype) if x.is_floating_point() else total.float()
+        return total
 
     # -- prediction -------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -80,14 +80,14 @@ class MonoForward(LocalRule):
 
     def _local_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = x
-        total = 0.0
+        total = None
         for i, block in enumerate(self.blocks):
             a = block(h.detach())
             loss = F.cross_entropy(self.scores(i, a), y)
-            total += float(loss.detach())
+            total = loss.detach() if total is None else total + loss.detach()
             self._grad(loss, self._trainable(block, self.projections[i]), f"block {i}")
             h = a.detach()
-        return torch.tensor(total, dtype=x.dtype if x.is_floating_point() else torch.float32)
+        return total
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, layers: str | Sequence[int] = "last") -> torch.Tensor:

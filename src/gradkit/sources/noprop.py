@@ -195,23 +195,23 @@ class NoProp(LocalRule):
         w = self.weights()
         emb_params = self._trainable_embedding()
         eps = self.draw_noise(self.embedding[y].detach())
-        total = 0.0
+        total = None
         x_in = x.detach()
         for t in range(1, self.T + 1):
             u = self.embedding[y]  # indexed afresh per loss: each local graph is freed after its gradient
             z = self.noised(t - 1, u, eps[t - 1]).detach()
             u_hat = self.denoise(t, x_in, z)
             loss = float(w[t - 1]) * (u_hat - u).square().sum(1).mean()
-            total += float(loss.detach())
+            total = loss.detach() if total is None else total + loss.detach()
             self._grad(loss, self._trainable(self.blocks[t - 1]) + emb_params, f"block {t}")
         # The read-out and the prior term: z_T ~ q(z_T | y) by reparameterisation, so a learned embedding also
         # learns to be decodable and close to the prior.
         u = self.embedding[y]
         z_t = self.noised(self.T, u, eps[self.T])
         loss = F.cross_entropy(self.head(z_t), y) + self.kl(u)
-        total += float(loss.detach())
+        total = total + loss.detach()
         self._grad(loss, self._trainable(self.head) + emb_params, "the read-out")
-        return torch.tensor(total, dtype=u.dtype)
+        return total
 
     def _trainable_embedding(self) -> list[torch.Tensor]:
         e = self.aux.embedding
