@@ -7,22 +7,23 @@ Three measurements, all through :class:`gradkit.Pipeline`:
    A "forward pass" is one closure evaluation: a backprop step counts 1 (plus its backward), a forward-gradient
    direction 1 (a forward-mode pass, costlier than a plain forward), SPSA ``2K``, ES ``population``,
    likelihood ratio ``n_samples``.
-2. **Peak memory per step**, in a fresh subprocess per method (``--skip-memory`` to omit), from resident-set
-   statistics (not the torch allocator): after two warm-up steps (which page in library code), the peak
-   resident set size during one more step (``VmHWM`` from ``/proc/self/status``, reset through
-   ``/proc/self/clear_refs``) minus the resident size just before it is the step's transient memory
-   (activations, gradients, dual tensors, perturbation temporaries). The footprint is parameter bytes +
-   that transient peak; the ratio divides it by the footprint of one ``torch.no_grad`` forward (inference).
-   glibc's mmap threshold is pinned (``MALLOC_MMAP_THRESHOLD_=65536``) so a freed tensor leaves the resident
-   set at once. All methods use plain SGD (no optimizer
-   state), as MeZO compares against. Two models: one whose activations dominate memory (MLP of width 512,
-   batch 8192) and one whose parameters dominate (width 2048, batch 16).
-3. **Step time relative to one inference forward** on the activation-heavy model (median of repeated steps).
+2. **Peak memory**, in a fresh process per method and model (``--skip-memory`` to omit), from the kernel's
+   resident-set statistics (not the torch allocator), with glibc's default allocator settings: the process's
+   peak resident set (``VmHWM``) over three steps — everything the process holds, including library code a
+   method pages in (e.g. ``torch._dynamo``, ≈70 MiB, which every ``torch.optim`` optimizer imports) — and
+   the part of it above the runtime, measured after the method took two steps on a tiny MLP and before the
+   model is built: parameters, activations, gradients, restoration records, scratch and allocator
+   fragmentation, i.e. the memory that comes with the model. Each ratio divides by the same quantity for
+   three ``torch.no_grad`` forwards (inference). All methods use plain SGD (no optimizer state), as MeZO
+   compares against. Two models: one whose activations dominate memory (MLP 64-512×4-10, batch 8192) and one
+   whose parameters dominate (MLP 64-4096-4096-4096-10, 33.9 M parameters, batch 64: MeZO's regime).
+3. **Step time relative to one inference forward** on both models (median of repeated steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -112,73 +113,94 @@ def _status(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _memory_model(kind: str):
-    width, depth, batch = (512, 4, 8192) if kind.split("-")[0] == "activations" else (2048, 4, 16)
-    if kind.endswith("-quick"):
-        width, batch = width // 2, batch // 2
-    sizes = (64,) + (width,) * depth + (10,)
-    return sizes, batch
+def _memory_model(kind: str) -> tuple[tuple[int, ...], int]:
+    """``(layer sizes, batch)`` of the activation-heavy or the parameter-heavy MLP (``-quick``: smaller)."""
+    quick = kind.endswith("-quick")
+    if kind.split("-")[0] == "activations":
+        width, batch = (256, 4096) if quick else (512, 8192)
+        return (64,) + (width,) * 4 + (10,), batch
+    width = 1024 if quick else 4096
+    return (64,) + (width,) * 3 + (10,), 64
 
 
-def memory_child(method: str, kind: str) -> dict:
-    """Run in a fresh process: peak resident memory of one step of ``method`` above the pre-model baseline."""
+MEMORY_METHODS = ("inference", "backprop", "spsa", "zosgd", "zosgd_inexact", "forward_gradient")
+
+
+def _memory_step(method: str, model: torch.nn.Module, closure: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    if method == "inference":
+        def infer() -> None:
+            with torch.no_grad():
+                closure()
+        return infer
+    if method.startswith("zosgd"):
+        zo = gk.sources.ZOSGD(model, lr=1e-4, seed=0, exact_restore=method == "zosgd")
+        pipe = gk.Pipeline(zo, optimizer=zo)
+    else:
+        src = {"backprop": lambda: gk.sources.Backprop(model),
+               "spsa": lambda: gk.sources.SPSA(model, 1e-3, 1, seed=0),
+               "forward_gradient": lambda: gk.sources.ForwardGradient(model, 1, seed=0)}[method]()
+        pipe = gk.Pipeline(src, optimizer=torch.optim.SGD(model.parameters(), lr=1e-4))
+    return lambda: pipe.step(closure)
+
+
+def _warm_up(method: str, sizes: tuple[int, ...], x: torch.Tensor, y: torch.Tensor) -> None:
+    from ..models import mlp
+
+    tiny = mlp((sizes[0], 16, sizes[-1]), seed=0)
+    step = _memory_step(method, tiny, lambda: F.cross_entropy(tiny(x), y))
+    step()
+    step()
+
+
+def memory_child(method: str, kind: str, steps: int = 3) -> dict:
+    """Run in a fresh process: the peak resident set over ``steps`` steps of ``method``, and the runtime's.
+
+    Before the runtime is measured, the method takes two steps on a tiny MLP, so the library code and one-off
+    state it needs (e.g. ``torch._dynamo``, imported by every ``torch.optim`` optimizer) are already resident:
+    "above the runtime" is then the memory that comes with the model.
+    """
     from ..models import mlp
 
     torch.set_num_threads(1)
     sizes, batch = _memory_model(kind)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, sizes[0], generator=gen), torch.randint(0, sizes[-1], (batch,), generator=gen)
+    _warm_up(method, sizes, x[:4].clone(), y[:4].clone())
+    gc.collect()
+    runtime = _status("VmRSS")  # interpreter, torch, gradkit, the method's code paths, the batch
     model = mlp(sizes, seed=0)
-
-    def closure():
-        return F.cross_entropy(model(x), y)
-
-    if method == "inference":
-        def step():
-            with torch.no_grad():
-                closure()
-    elif method.startswith("zosgd"):
-        zo = gk.sources.ZOSGD(model, lr=1e-4, seed=0, exact_restore=method == "zosgd")
-        pipe = gk.Pipeline(zo, optimizer=zo)
-
-        def step():
-            pipe.step(closure)
-    else:
-        src = {"backprop": lambda: gk.sources.Backprop(model),
-               "spsa": lambda: gk.sources.SPSA(model, 1e-3, 1, seed=0),
-               "forward_gradient": lambda: gk.sources.ForwardGradient(model, 1, seed=0)}[method]()
-        pipe = gk.Pipeline(src, optimizer=torch.optim.SGD(model.parameters(), lr=1e-4))
-
-        def step():
-            pipe.step(closure)
-    # Warm-up: the first steps also page in library code and allocate lasting runtime state, which is not
-    # the method's memory. Afterwards the resting set holds the parameters (grads are None between steps).
-    step()
-    step()
-    rest = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    step()
-    transient = _status("VmHWM") - rest
+    step = _memory_step(method, model, lambda: F.cross_entropy(model(x), y))
+    for _ in range(steps):
+        step()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"method": method, "kind": kind, "transient": transient, "param_bytes": params,
-            "footprint": params + transient}
+    return {"method": method, "kind": kind, "runtime": runtime, "peak": _status("VmHWM"),
+            "rest": _status("VmRSS"), "param_bytes": params}
 
 
 MEMORY_LABELS = {
-    "inference": "inference (one no_grad forward)",
+    "inference": "inference (no_grad forward)",
     "backprop": "Backprop + SGD",
     "spsa": "SPSA general mode (K=1) + SGD",
-    "zosgd": "ZOSGD fused (K=1)",
-    "zosgd_inexact": "ZOSGD fused, exact_restore=False",
+    "zosgd": "ZOSGD fused (K=1), exact_restore=True",
+    "zosgd_inexact": "ZOSGD fused (K=1), exact_restore=False",
     "forward_gradient": "ForwardGradient (K=1) + SGD",
 }
 
 
-def _memory(kind: str) -> dict[str, dict]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
+def _memory(kind: str, pinned: bool = False) -> dict[str, dict]:
+    """Every method's :func:`memory_child` in a fresh process.
+
+    ``pinned=False``: glibc's default allocator settings, as users run. ``pinned=True``: every block of 64 KiB or
+    more is mmapped and returned at once (``MALLOC_MMAP_THRESHOLD_=65536``), so the resident set follows the
+    live memory closely instead of the allocator's retained heap.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        env.pop(var, None)
+    if pinned:
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = {}
-    for method in ("inference", "backprop", "spsa", "zosgd", "zosgd_inexact", "forward_gradient"):
+    for method in MEMORY_METHODS:
         code = ("import json; from gradkit.bench.sources import memory_child; "
                 f"print(json.dumps(memory_child({method!r}, {kind!r})))")
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
@@ -188,11 +210,27 @@ def _memory(kind: str) -> dict[str, dict]:
     return out
 
 
+def memory_rows(mem: dict[str, dict]) -> list[tuple]:
+    """Table rows: peak RSS and its ratio to inference, and the same above the runtime."""
+    inf = mem["inference"]
+    rows = []
+    for name, v in mem.items():
+        above, inf_above = v["peak"] - v["runtime"], inf["peak"] - inf["runtime"]
+        rows.append((MEMORY_LABELS[name], round(v["peak"] / 2**20, 1), round(v["peak"] / inf["peak"], 3),
+                     round(above / 2**20, 1), round(above / inf_above, 3)))
+    return rows
+
+
 # -- 3. step time ------------------------------------------------------------------------------------
-def _step_times(quick: bool, repeats: int) -> list[tuple[str, int, float, float]]:
+def _step_times(kind: str, repeats: int) -> list[tuple[str, int, float, float]]:
+    """Median step time of each source and its ratio to one ``no_grad`` forward, on one of the two models.
+
+    On the parameter-heavy model only the sources of the memory table run (ES and the likelihood ratio are
+    population methods for small models), with ``exact_restore`` both ways for ZOSGD.
+    """
     from ..models import mlp
 
-    sizes, batch = _memory_model("activations-quick" if quick else "activations")
+    sizes, batch = _memory_model(kind)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, sizes[0], generator=gen), torch.randint(0, sizes[-1], (batch,), generator=gen)
     model = mlp(sizes, seed=0)
@@ -207,20 +245,27 @@ def _step_times(quick: bool, repeats: int) -> list[tuple[str, int, float, float]
     sgd = lambda: torch.optim.SGD(model.parameters(), lr=1e-5)  # noqa: E731
     zo = gk.sources.ZOSGD(model, lr=1e-5, seed=0)
     pipes = {
-        "Backprop": (1, gk.Pipeline(gk.sources.Backprop(model), optimizer=sgd())),
-        "ForwardGradient (K=1)": (1, gk.Pipeline(gk.sources.ForwardGradient(model, 1, seed=0), optimizer=sgd())),
-        "SPSA (K=1), general mode": (2, gk.Pipeline(gk.sources.SPSA(model, 1e-3, 1, seed=0), optimizer=sgd())),
-        "ZOSGD fused (K=1)": (2, gk.Pipeline(zo, optimizer=zo)),
-        "ES (population 8)": (8, gk.Pipeline(gk.sources.ES(model, 0.01, 8, seed=0), optimizer=sgd())),
-        "LikelihoodRatio (n=2)": (2, gk.Pipeline(gk.sources.LikelihoodRatio(model, 0.01, 2, seed=0),
-                                                 optimizer=sgd())),
+        "Backprop": (1, lambda: gk.Pipeline(gk.sources.Backprop(model), optimizer=sgd())),
+        "ForwardGradient (K=1)": (1, lambda: gk.Pipeline(gk.sources.ForwardGradient(model, 1, seed=0),
+                                                         optimizer=sgd())),
+        "SPSA (K=1), general mode": (2, lambda: gk.Pipeline(gk.sources.SPSA(model, 1e-3, 1, seed=0),
+                                                            optimizer=sgd())),
+        "ZOSGD fused (K=1)": (2, lambda: gk.Pipeline(zo, optimizer=zo)),
+        "ES (population 8)": (8, lambda: gk.Pipeline(gk.sources.ES(model, 0.01, 8, seed=0), optimizer=sgd())),
+        "LikelihoodRatio (n=2)": (2, lambda: gk.Pipeline(gk.sources.LikelihoodRatio(model, 0.01, 2, seed=0),
+                                                         optimizer=sgd())),
     }
+    if kind.startswith("parameters"):
+        for label in ("ES (population 8)", "LikelihoodRatio (n=2)"):
+            del pipes[label]
+        inexact = gk.sources.ZOSGD(model, lr=1e-5, seed=0, exact_restore=False)
+        pipes["ZOSGD fused (K=1), exact_restore=False"] = (2, lambda: gk.Pipeline(inexact, optimizer=inexact))
     t_fwd = median_time(forward, warmup=2, repeats=repeats)
-    rows = []
-    for label, (calls, pipe) in pipes.items():
+    rows = [("one forward (no_grad)", 1, t_fwd * 1e3, 1.0)]
+    for label, (calls, make) in pipes.items():
+        pipe = make()
         t = median_time(lambda pipe=pipe: pipe.step(closure), warmup=2, repeats=repeats)
         rows.append((label, calls, t * 1e3, t / t_fwd))
-    rows.insert(0, ("one forward (no_grad)", 1, t_fwd * 1e3, 1.0))
     return rows
 
 
@@ -271,23 +316,28 @@ def run(args: argparse.Namespace) -> int:
     if not args.skip_memory:
         for kind in ("activations", "parameters"):
             k = kind + ("-quick" if args.quick else "")
-            mem = _memory(k)
-            inf = mem["inference"]["footprint"]
             sizes, batch = _memory_model(k)
-            mrows = [(MEMORY_LABELS[name], round(v["transient"] / 2**20, 1), round(v["footprint"] / 2**20, 1),
-                      v["footprint"] / inf) for name, v in mem.items()]
-            report += [f"### Peak memory of one step, {kind} dominate (MLP {'-'.join(map(str, sizes))}, batch "
-                       f"{batch}: parameters {mem['inference']['param_bytes'] / 2**20:.1f} MiB, one layer's "
-                       f"activations {batch * sizes[1] * 4 / 2**20:.1f} MiB)", "",
-                       markdown_table(["method", "step peak above resting RSS (MiB)",
-                                       "parameters + step peak (MiB)", "ratio to inference"], mrows),
-                       ""]
-            (out / f"memory_{kind}.json").write_text(json.dumps(mem))
+            for pinned in (False, True):
+                mem = _memory(k, pinned=pinned)
+                inf = mem["inference"]
+                alloc = ("glibc's mmap threshold pinned at 64 KiB: the resident set follows live memory" if pinned
+                         else "glibc's default allocator settings")
+                report += [f"### Peak memory, {kind} dominate (MLP {'-'.join(map(str, sizes))}, batch {batch}: "
+                           f"parameters {inf['param_bytes'] / 2**20:.1f} MiB, one layer's activations "
+                           f"{batch * sizes[1] * 4 / 2**20:.1f} MiB; {alloc})", "",
+                           markdown_table(["method", "peak RSS (MiB)", "ratio to inference",
+                                           "peak above the runtime (MiB)", "ratio to inference"], memory_rows(mem)),
+                           ""]
+                (out / f"memory_{kind}{'_pinned' if pinned else ''}.json").write_text(json.dumps(mem))
 
     if not args.skip_time:
-        trows = _step_times(args.quick, 3 if args.quick else args.repeats)
-        report += ["### Step time relative to one inference forward (activation-heavy MLP, SGD)", "",
-                   markdown_table(["step", "closure evals", "ms (median)", "ratio to one forward"], trows), ""]
+        for kind, repeats in (("activations", args.repeats), ("parameters", max(3, args.repeats // 3))):
+            k = kind + ("-quick" if args.quick else "")
+            sizes, batch = _memory_model(k)
+            trows = _step_times(k, 3 if args.quick else repeats)
+            report += [f"### Step time relative to one inference forward ({kind} dominate: MLP "
+                       f"{'-'.join(map(str, sizes))}, batch {batch}, SGD)", "",
+                       markdown_table(["step", "closure evals", "ms (median)", "ratio to one forward"], trows), ""]
 
     text = "\n".join(report)
     print(text)

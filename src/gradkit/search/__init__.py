@@ -6,7 +6,7 @@ Searching a model: :class:`ParamVector` (all weights as one flat vector) and
 :class:`spaces.LoRASingularValues` (the singular values of low-rank adapters, ESSA's search space).
 """
 
-from . import functions, spaces
+from . import functions, mean_optim, shaping, spaces
 from .base import Searcher
 from .cem import CEM
 from .cmaes import CMAES
@@ -18,4 +18,5 @@ from .sep_cmaes import SepCMAES
 from .snes import SNES
 
 __all__ = ["CEM", "CMAES", "PGPE", "SNES", "OpenAIES", "ParamVector", "SearchResult", "Searcher", "SepCMAES",
-           "functions", "minimize", "spaces"]
+           "functions", "mean_optim", "minimize",
+           "shaping", "spaces"]

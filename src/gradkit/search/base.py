@@ -14,14 +14,16 @@ from typing import Any
 
 import torch
 
-from .._validate import check_choice, check_int, check_positive
+from .._validate import NONFINITE_POLICIES, check_int, check_nonfinite, check_positive
 from ..errors import NonFiniteError
+from .mean_optim import MeanOptimizer, resolve_mean_optimizer
 
 __all__ = ["NONFINITE_FITNESS", "Searcher"]
 
 # "raise": NonFiniteError, nothing updated. "skip": the generation is dropped, state untouched, counted in
 # ``n_skipped``. "worst": NaN/±Inf candidates are ranked behind every finite one (infeasible points).
-NONFINITE_FITNESS = ("raise", "skip", "worst")
+# "ignore": no check; the values reach the method's update as they are (NaN ranks last in torch's sort).
+NONFINITE_FITNESS = NONFINITE_POLICIES
 
 TensorLike = torch.Tensor | Sequence[float] | float
 
@@ -42,8 +44,9 @@ class Searcher:
             unbounded space and clipped into the box by ``ask()``; ``tell`` updates from the clipped
             (evaluated) points and projects the mean back into the box.
         seed: seed of the searcher's private ``torch.Generator``; ``None`` draws one from torch's global RNG.
-        on_nonfinite: what ``tell`` does with NaN/Inf fitness: ``"raise"`` (``gk.NonFiniteError``),
-            ``"skip"`` (drop the generation), ``"worst"`` (rank those candidates last).
+        on_nonfinite: what ``tell`` does with NaN/Inf fitness: ``"raise"`` (default: ``gk.NonFiniteError``,
+            nothing updated), ``"skip"`` (drop the generation, counted in ``n_skipped``), ``"worst"`` (rank those
+            candidates last), ``"ignore"`` (no check: the values reach the update as they are).
         dtype, device: of the search distribution (float64 by default: covariance updates need it).
     """
 
@@ -51,6 +54,8 @@ class Searcher:
     min_popsize: int = 2
     # Names of attributes (tensors, numbers) that make up the method's state, saved by ``state_dict``.
     _state_attrs: tuple[str, ...] = ()
+    # Names of attributes holding stateful objects (their own ``state_dict``), e.g. the mean's optimizer.
+    _state_objects: tuple[str, ...] = ()
 
     def __init__(self, x0: TensorLike, sigma0: TensorLike, *, popsize: int | None = None,
                  bounds: tuple[TensorLike, TensorLike] | None = None, seed: int | None = None,
@@ -70,7 +75,7 @@ class Searcher:
         if popsize is None:
             popsize = self.default_popsize(self.dim)
         self.popsize = check_int("popsize", popsize, self.min_popsize)
-        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_FITNESS)
+        self.on_nonfinite = check_nonfinite(on_nonfinite, NONFINITE_FITNESS, where=type(self).__name__)
         self.lower, self.upper = self._check_bounds(bounds)
         if self.lower is not None:
             x0.clamp_(self.lower, self.upper)
@@ -89,17 +94,24 @@ class Searcher:
         return default_popsize(d)
 
     def _sample(self) -> torch.Tensor:
-        """Draw ``[popsize, d]`` candidates from the current distribution (before clipping to the bounds)."""
-        raise NotImplementedError
+        """Draw ``[popsize, d]`` candidates (before clipping to the bounds); by default from N(m, diag σ²)."""
+        return self.m + self.sigma * self._randn(self.popsize)
+
+    def _randn(self, rows: int) -> torch.Tensor:
+        """``[rows, d]`` standard normal draws from the searcher's generator."""
+        return torch.randn(rows, self.dim, generator=self.generator, dtype=self.dtype, device=self.device)
 
     def _update(self, x: torch.Tensor, f: torch.Tensor) -> None:
-        """Update the distribution from evaluated candidates ``x`` ``[n, d]`` and finite fitness ``f`` ``[n]``."""
+        """Update the distribution from candidates ``x`` ``[n, d]`` and fitness ``f`` ``[n]``.
+
+        ``f`` is finite unless ``on_nonfinite="ignore"``.
+        """
         raise NotImplementedError
 
     @property
     def mean(self) -> torch.Tensor:
-        """The centre of the search distribution."""
-        raise NotImplementedError
+        """The centre ``m`` of the search distribution (a copy)."""
+        return self.m.clone()
 
     def _stop_reasons(self) -> dict[str, Any]:
         return {}
@@ -120,7 +132,7 @@ class Searcher:
         """
         x, f = self._check_tell(candidates, fitness)
         bad = ~torch.isfinite(f)
-        if bad.any():
+        if self.on_nonfinite != "ignore" and bad.any():
             if self.on_nonfinite == "raise":
                 raise NonFiniteError(f"fitness has {int(bad.sum())} non-finite value(s) (NaN/Inf); nothing updated. "
                                      "Pass on_nonfinite='skip' or 'worst' to continue.")
@@ -164,6 +176,8 @@ class Searcher:
         for k in ("generation", "nfev", "n_skipped", "best_f", "popsize", *self._state_attrs):
             v = getattr(self, k)
             state[k] = v.clone() if isinstance(v, torch.Tensor) else list(v) if isinstance(v, list) else v
+        for k in self._state_objects:
+            state[k] = getattr(self, k).state_dict()
         state["best_x"] = self.best_x.clone()
         state["rng_state"] = self.generator.get_state()
         state["dim"] = self.dim
@@ -172,11 +186,15 @@ class Searcher:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("dim") != self.dim:
             raise ValueError(f"state_dict is for dimension {state.get('dim')}, this searcher has {self.dim}")
-        missing = [k for k in ("generation", "nfev", "best_f", "rng_state", *self._state_attrs) if k not in state]
+        missing = [k for k in ("generation", "nfev", "best_f", "rng_state", *self._state_attrs, *self._state_objects)
+                   if k not in state]
         if missing:
             raise ValueError(f"state_dict misses {missing}")
         for k, v in state.items():
             if k in ("rng_state", "dim"):
+                continue
+            if k in self._state_objects:
+                getattr(self, k).load_state_dict(v)
                 continue
             if isinstance(v, torch.Tensor):
                 v = v.to(device=self.device, dtype=self.dtype if v.is_floating_point() else v.dtype).clone()
@@ -234,60 +252,33 @@ def check_sigma_scalar(sigma0: torch.Tensor) -> float:
     return check_positive("sigma0", float(sigma0))
 
 
-def centered_ranks(f: torch.Tensor) -> torch.Tensor:
-    """Fitness shaping of OpenAI-ES/PGPE: ranks mapped linearly to [-0.5, 0.5]; the smallest ``f`` gets -0.5.
-
-    Ties keep their order of appearance (stable), so the result is a deterministic function of ``f``.
-    """
-    n = f.numel()
-    ranks = torch.empty_like(f)
-    ranks[torch.argsort(f, stable=True)] = torch.arange(n, dtype=f.dtype, device=f.device)
-    return ranks / max(n - 1, 1) - 0.5
-
-
-def adam_direction(m: torch.Tensor, v: torch.Tensor, t: int, grad: torch.Tensor,
-                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Adam moment update (``t`` counts from 1); returns ``(m̂/(√v̂ + eps), m, v)``: step = -lr × the first."""
-    b1, b2 = betas
-    m = b1 * m + (1 - b1) * grad
-    v = b2 * v + (1 - b2) * grad * grad
-    direction = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
-    return direction, m, v
-
-
 class MirroredSearcher(Searcher):
-    """A Gaussian search distribution N(m, diag(σ²)) sampled in mirrored pairs, whose mean moves by Adam.
+    """A Gaussian search distribution N(m, diag(σ²)) sampled in mirrored pairs, whose mean moves by an optimizer.
 
     Shared by :class:`~gradkit.search.OpenAIES` and :class:`~gradkit.search.PGPE`: rows ``2i`` and ``2i+1`` of a
-    generation are ``m + σ·ε_i`` and ``m − σ·ε_i``; the population is even.
+    generation are ``m + σ·ε_i`` and ``m − σ·ε_i``; the population is even. The mean's update rule is the
+    :class:`~gradkit.search.mean_optim.MeanOptimizer` in ``self.mean_optimizer`` (``m ← m − step(g)``).
     """
 
-    def __init__(self, x0: TensorLike, sigma0: TensorLike, **kwargs: Any):
+    _state_objects = ("mean_optimizer",)
+
+    def __init__(self, x0: TensorLike, sigma0: TensorLike, *, optimizer: MeanOptimizer | str = "adam",
+                 default_lr: float = 1.0, **kwargs: Any):
         super().__init__(x0, sigma0, **kwargs)
         if self.popsize % 2:
             raise ValueError(f"popsize must be even (mirrored pairs), got {self.popsize}")
         self.m = self.x0.clone()
         self.sigma = self.sigma0.expand(self.dim).clone()
-        self.adam_m = torch.zeros_like(self.m)
-        self.adam_v = torch.zeros_like(self.m)
-        self.adam_t = 0
+        self.mean_optimizer = resolve_mean_optimizer(optimizer, default_lr)
 
     def default_popsize(self, d: int) -> int:
         n = default_popsize(d)
         return n + n % 2
 
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.m.clone()
-
     def _sample(self) -> torch.Tensor:
-        eps = self.sigma * torch.randn(self.popsize // 2, self.dim, generator=self.generator, dtype=self.dtype,
-                                       device=self.device)
+        eps = self.sigma * self._randn(self.popsize // 2)
         return torch.stack([self.m + eps, self.m - eps], 1).reshape(self.popsize, self.dim)
 
-    def _adam(self, grad: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999)) -> torch.Tensor:
-        """Advance the Adam moments of the mean with ``grad``; returns the step direction (see adam_direction)."""
-        self.adam_t += 1
-        direction, self.adam_m, self.adam_v = adam_direction(self.adam_m, self.adam_v, self.adam_t, grad, betas)
-        return direction
+    def _descend(self, grad: torch.Tensor) -> None:
+        """Move the mean down ``grad`` with the mean's optimizer."""
+        self.m = self.m - self.mean_optimizer.step(grad)

@@ -61,14 +61,6 @@ class CEM(Searcher):
     def _after_load(self) -> None:
         self.n_elites = max(2, int(math.ceil(self.elite_ratio * self.popsize)))
 
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.m.clone()
-
-    def _sample(self) -> torch.Tensor:
-        z = torch.randn(self.popsize, self.dim, generator=self.generator, dtype=self.dtype, device=self.device)
-        return self.m + self.sigma * z
-
     def _update(self, x: torch.Tensor, f: torch.Tensor) -> None:
         elites = x[torch.argsort(f, stable=True)[: self.n_elites]]
         a = self.smoothing

@@ -11,6 +11,7 @@ All defaults are the tutorial's Table 1 (including its negative recombination we
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from .._validate import check_int, check_positive, check_range
 from .base import Searcher, TensorLike, check_sigma_scalar
 
-__all__ = ["CMAES"]
+__all__ = ["CMAES", "CMAConstants", "cma_constants", "cma_weights"]
 
 
 def cma_weights(popsize: int, d: int, c1: float, cmu: float, active: bool) -> tuple[list[float], int, float]:
@@ -42,7 +43,111 @@ def cma_weights(popsize: int, d: int, c1: float, cmu: float, active: bool) -> tu
     return weights, mu, mueff
 
 
-class CMAES(Searcher):
+@dataclass(frozen=True)
+class CMAConstants:
+    """The strategy parameters of CMA-ES (tutorial, Table 1), computed once by :func:`cma_constants`.
+
+    ``weights`` w_i and ``mu`` μ, ``mueff`` μ_eff, learning rates ``c1`` c₁ and ``cmu`` c_μ of the covariance,
+    ``cc`` c_c of its path, ``cs`` c_σ and ``ds`` d_σ of the step-size path, ``chi_n`` E‖N(0, I)‖.
+    """
+
+    weights: tuple[float, ...]
+    mu: int
+    mueff: float
+    c1: float
+    cmu: float
+    cc: float
+    cs: float
+    ds: float
+    chi_n: float
+
+
+def cma_constants(n: int, popsize: int, active: bool = True, diagonal: bool = False) -> CMAConstants:
+    """Default strategy parameters for dimension ``n`` and population λ = ``popsize``.
+
+    ``diagonal=True`` (sep-CMA-ES, Ros & Hansen): the diagonal has n free parameters instead of n(n+1)/2, so c₁
+    and c_μ are (n + 2)/3 times larger.
+    """
+    raw = [math.log((popsize + 1) / 2) - math.log(i + 1) for i in range(popsize)]
+    pos = [w for w in raw if w > 0]
+    mueff = sum(pos) ** 2 / sum(w * w for w in pos)
+    fac = (n + 2) / 3 if diagonal else 1.0
+    c1 = min(1.0, fac * 2 / ((n + 1.3) ** 2 + mueff))
+    cmu = min(1 - c1, fac * 2 * (0.25 + mueff - 2 + 1 / mueff) / ((n + 2) ** 2 + mueff))
+    w, mu, mueff = cma_weights(popsize, n, c1, cmu, active)
+    return CMAConstants(
+        weights=tuple(w), mu=mu, mueff=mueff, c1=c1, cmu=cmu,
+        cc=(4 + mueff / n) / (n + 4 + 2 * mueff / n),
+        cs=(mueff + 2) / (n + mueff + 5),
+        ds=1 + 2 * max(0.0, math.sqrt((mueff - 1) / (n + 1)) - 1) + (mueff + 2) / (n + mueff + 5),
+        chi_n=math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n * n)),
+    )
+
+
+class _CMA(Searcher):
+    """What CMA-ES and sep-CMA-ES share: weighted recombination, both evolution paths, active weights, CSA.
+
+    A subclass says how its covariance model whitens a step (``_whiten``: C^{-1/2} y), how it adapts
+    (``_adapt_covariance``), and what else it does after a generation (``_after_generation``).
+    """
+
+    diagonal = False
+
+    def _set_constants(self) -> None:
+        k = cma_constants(self.dim, self.popsize, self.active, self.diagonal)
+        self.constants = k
+        self.weights = torch.tensor(k.weights, dtype=self.dtype, device=self.device)
+        self.mu, self.mueff, self.c1, self.cmu = k.mu, k.mueff, k.c1, k.cmu
+        self.cc, self.cs, self.ds, self.chi_n = k.cc, k.cs, k.ds, k.chi_n
+
+    @property
+    def step_size(self) -> float:
+        """The global step size σ."""
+        return self.sigma
+
+    def _after_load(self) -> None:
+        self.fhist = list(self.fhist)
+
+    def _whiten(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _adapt_covariance(self, y: torch.Tensor, wo: torch.Tensor, decay: float) -> None:
+        raise NotImplementedError
+
+    def _after_generation(self, f: torch.Tensor, order: torch.Tensor) -> None:
+        pass
+
+    def _update(self, x: torch.Tensor, f: torch.Tensor) -> None:
+        n, lam, mu = self.dim, self.popsize, self.mu
+        order = torch.argsort(f, stable=True)
+        y = (x[order] - self.m) / self.sigma  # [λ, d], best first
+        w = self.weights
+        yw = w[:mu] @ y[:mu]
+        self.m = self.m + self.sigma * yw
+        white = self._whiten(y)  # C^{-1/2} y: the step-size path and the active weights
+        self.ps = (1 - self.cs) * self.ps + math.sqrt(self.cs * (2 - self.cs) * self.mueff) * (w[:mu] @ white[:mu])
+        g = self.run_generation + 1
+        ps_norm = float(self.ps.norm())
+        hsig = ps_norm / math.sqrt(1 - (1 - self.cs) ** (2 * g)) < (1.4 + 2 / (n + 1)) * self.chi_n
+        self.pc = (1 - self.cc) * self.pc + (math.sqrt(self.cc * (2 - self.cc) * self.mueff) * yw if hsig else 0.0)
+        wo = w.clone()
+        if self.active and lam > mu:
+            # Negative weights act on directions rescaled to length √d in the C-metric (tutorial eq. 46).
+            wo[mu:] = w[mu:] * n / (white[mu:] ** 2).sum(1).clamp_min(1e-300)
+        delta_h = (1 - float(hsig)) * self.cc * (2 - self.cc)
+        decay = 1 + self.c1 * delta_h - self.c1 - self.cmu * float(w.sum())
+        self._adapt_covariance(y, wo, decay)
+        self.sigma *= math.exp(min(1.0, (self.cs / self.ds) * (ps_norm / self.chi_n - 1)))
+        self.run_generation = g
+        self.fhist.append(float(f[order[0]]))  # best fitness of recent generations (termination)
+        keep = 10 + int(math.ceil(30 * n / lam))
+        if len(self.fhist) > keep:
+            del self.fhist[: len(self.fhist) - keep]
+        self.last_frange = float(f.max() - f.min())
+        self._after_generation(f, order)
+
+
+class CMAES(_CMA):
     """Covariance Matrix Adaptation Evolution Strategy (full covariance), minimisation.
 
     Args:
@@ -87,18 +192,7 @@ class CMAES(Searcher):
     def _set_parameters(self, popsize: int) -> None:
         n = self.dim
         self.popsize = popsize
-        raw = [math.log((popsize + 1) / 2) - math.log(i + 1) for i in range(popsize)]
-        pos = [w for w in raw if w > 0]
-        mueff = sum(pos) ** 2 / sum(w * w for w in pos)
-        alpha_cov = 2.0
-        self.c1 = alpha_cov / ((n + 1.3) ** 2 + mueff)
-        self.cmu = min(1 - self.c1, alpha_cov * (0.25 + mueff - 2 + 1 / mueff) / ((n + 2) ** 2 + alpha_cov * mueff / 2))
-        w, self.mu, self.mueff = cma_weights(popsize, n, self.c1, self.cmu, self.active)
-        self.weights = torch.tensor(w, dtype=self.dtype, device=self.device)
-        self.cc = (4 + mueff / n) / (n + 4 + 2 * mueff / n)
-        self.cs = (mueff + 2) / (n + mueff + 5)
-        self.ds = 1 + 2 * max(0.0, math.sqrt((mueff - 1) / (n + 1)) - 1) + self.cs
-        self.chi_n = math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n * n))
+        self._set_constants()
         # Eigendecomposition costs O(d³); the tutorial recommends it every 1/(10 d (c1 + cμ)) generations.
         self.eigen_every = max(1, int(1 / (10 * n * (self.c1 + self.cmu))))
         self.max_gen = (self.max_iter if self.max_iter is not None
@@ -122,63 +216,29 @@ class CMAES(Searcher):
         self.last_frange = math.inf
 
     def _after_load(self) -> None:
+        super()._after_load()
         self._set_parameters(int(self.popsize))
-        self.fhist = list(self.fhist)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.m.clone()
-
-    @property
-    def step_size(self) -> float:
-        return self.sigma
 
     @property
     def covariance(self) -> torch.Tensor:
         return self.C.clone()
 
     def _sample(self) -> torch.Tensor:
-        z = torch.randn(self.popsize, self.dim, generator=self.generator, dtype=self.dtype, device=self.device)
-        return self.m + self.sigma * (z * self.D) @ self.B.T
+        return self.m + self.sigma * (self._randn(self.popsize) * self.D) @ self.B.T
 
-    def _update(self, x: torch.Tensor, f: torch.Tensor) -> None:
-        n, lam = self.dim, self.popsize
-        order = torch.argsort(f, stable=True)
-        y = (x[order] - self.m) / self.sigma  # [λ, d], best first
-        w = self.weights
-        mu = self.mu
-        yw = w[:mu] @ y[:mu]
-        self.m = self.m + self.sigma * yw
-        # C^{-1/2} y = B D^{-1} Bᵀ y, for the step-size path and the active weights.
-        invsqrt_y = ((y @ self.B) / self.D) @ self.B.T
-        invsqrt_yw = w[:mu] @ invsqrt_y[:mu]
-        self.ps = (1 - self.cs) * self.ps + math.sqrt(self.cs * (2 - self.cs) * self.mueff) * invsqrt_yw
-        g = self.run_generation + 1
-        ps_norm = float(self.ps.norm())
-        hsig = ps_norm / math.sqrt(1 - (1 - self.cs) ** (2 * g)) < (1.4 + 2 / (n + 1)) * self.chi_n
-        self.pc = (1 - self.cc) * self.pc + (math.sqrt(self.cc * (2 - self.cc) * self.mueff) * yw if hsig else 0.0)
-        wo = w.clone()
-        if self.active and lam > mu:
-            # Negative weights act on directions rescaled to length √d in the C-metric (tutorial eq. 46).
-            norms2 = (invsqrt_y[mu:] ** 2).sum(1).clamp_min(1e-300)
-            wo[mu:] = w[mu:] * n / norms2
-        delta_h = (1 - float(hsig)) * self.cc * (2 - self.cc)
-        decay = 1 + self.c1 * delta_h - self.c1 - self.cmu * float(w.sum())
+    def _whiten(self, y: torch.Tensor) -> torch.Tensor:
+        return ((y @ self.B) / self.D) @ self.B.T  # B D^{-1} Bᵀ y
+
+    def _adapt_covariance(self, y: torch.Tensor, wo: torch.Tensor, decay: float) -> None:
         # In place: at large d the d×d passes dominate a generation; C is symmetrised only before eigh.
         self.C = self.C * decay  # a fresh tensor, so a state_dict taken earlier is never modified
         self.C.addr_(self.pc, self.pc, alpha=self.c1)
         self.C.addmm_(y.T * wo, y, alpha=self.cmu)
-        self.sigma *= math.exp(min(1.0, (self.cs / self.ds) * (ps_norm / self.chi_n - 1)))
-        self.run_generation = g
-        if g - self.eigen_gen >= self.eigen_every:
+
+    def _after_generation(self, f: torch.Tensor, order: torch.Tensor) -> None:
+        if self.run_generation - self.eigen_gen >= self.eigen_every:
             self._eigen()
-        fbest = float(f[order[0]])
-        self.fbest_run = min(self.fbest_run, fbest)
-        self.fhist.append(fbest)
-        keep = 10 + int(math.ceil(30 * n / lam))
-        if len(self.fhist) > keep:
-            del self.fhist[: len(self.fhist) - keep]
-        self.last_frange = float(f.max() - f.min())
+        self.fbest_run = min(self.fbest_run, float(f[order[0]]))
         if self.restarts_done < self.restarts and self._run_stop_reasons():
             self._restart()
 

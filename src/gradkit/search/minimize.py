@@ -32,7 +32,17 @@ class SearchResult:
 
     ``x``/``fun``: best candidate and its value; ``nfev``: evaluations used; ``nit``: generations;
     ``history``: ``(nfev, best f so far)`` after every generation; ``stop``: why the run ended;
-    ``searcher``: the searcher, to continue or inspect.
+    ``searcher``: the searcher, to continue or inspect. After a failure, the exception's ``partial_result``.
+
+    Args:
+        x: the best candidate found.
+        fun: its value (inf before any finite value).
+        nfev: evaluations used.
+        nit: generations told.
+        history: ``(nfev, best f so far)`` after every generation.
+        stop: why the run ended (``{"budget": ...}``, ``{"ftarget": ...}``, the searcher's stop reasons, or
+            ``{"error": ...}`` on a partial result).
+        searcher: the searcher itself.
     """
 
     x: torch.Tensor
@@ -86,6 +96,16 @@ def minimize(f: Callable[[torch.Tensor], Any], x0: TensorLike, sigma0: TensorLik
             each generation's candidates, and the fitness values are all-gathered, so every rank tells the same
             values and ends with the same result. A rank whose ``f`` raises makes every rank raise.
         options: passed to the searcher (e.g. ``popsize``, ``restarts`` for CMA-ES's IPOP).
+
+    Returns:
+        A :class:`SearchResult`. If ``f`` (or ``callback``) raises, the exception propagates with the progress
+        made until then attached as ``exc.partial_result`` (a :class:`SearchResult` whose ``stop`` holds
+        ``{"error": ...}``; the generation that failed is not counted), so a late failure loses nothing::
+
+            try:
+                r = gk.search.minimize(f, x0, 0.5)
+            except Exception as exc:
+                r = exc.partial_result
     """
     if isinstance(method, str):
         if method.lower() not in METHODS:
@@ -104,27 +124,37 @@ def minimize(f: Callable[[torch.Tensor], Any], x0: TensorLike, sigma0: TensorLik
     budget = check_int("budget", int(1e4 * es.dim) if budget is None else budget, 1)
     history: list[tuple[int, float]] = []
     stop: dict[str, Any] = {}
-    while True:
-        if es.nfev + es.popsize > budget:
-            stop = {"budget": budget}
-            break
-        x = es.ask()
-        if comm is None:
-            fx = _evaluate(f, x, batched)
-        else:  # this rank's share of the candidates; every rank receives every fitness value
-            mine = comm.split(len(x))
-            fx = comm.gather_scalars(lambda: _evaluate(f, x[mine.start:mine.stop], batched), len(x)).to(x.dtype)
-        es.tell(x, fx)
-        history.append((es.nfev, es.best_f))
-        if ftarget is not None and es.best_f <= ftarget:
-            stop = {"ftarget": es.best_f}
-            break
-        if callback is not None and callback(es):
-            stop = {"callback": True}
-            break
-        if es.stop():
-            stop = es.stop_reasons()
-            break
-    x_best, f_best = es.best
-    return SearchResult(x_best, f_best if math.isfinite(f_best) else math.inf, es.nfev, es.generation, history,
-                        stop, es)
+
+    def result() -> SearchResult:
+        x_best, f_best = es.best
+        return SearchResult(x_best, f_best if math.isfinite(f_best) else math.inf, es.nfev, es.generation,
+                            list(history), dict(stop), es)
+
+    try:
+        while True:
+            if es.nfev + es.popsize > budget:
+                stop = {"budget": budget}
+                break
+            x = es.ask()
+            if comm is None:
+                fx = _evaluate(f, x, batched)
+            else:  # this rank's share of the candidates; every rank receives every fitness value
+                mine = comm.split(len(x))
+                fx = comm.gather_scalars(lambda: _evaluate(f, x[mine.start:mine.stop], batched), len(x)).to(x.dtype)
+            es.tell(x, fx)
+            history.append((es.nfev, es.best_f))
+            if ftarget is not None and es.best_f <= ftarget:
+                stop = {"ftarget": es.best_f}
+                break
+            if callback is not None and callback(es):
+                stop = {"callback": True}
+                break
+            if es.stop():
+                stop = es.stop_reasons()
+                break
+    except Exception as exc:
+        # The progress so far survives a late failure of f (or of the callback): the exception carries it.
+        stop = {"error": f"{type(exc).__name__}: {exc}"}
+        exc.partial_result = result()  # type: ignore[attr-defined]
+        raise
+    return result()

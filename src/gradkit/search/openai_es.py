@@ -3,15 +3,18 @@
 Paper: T. Salimans et al., "Evolution Strategies as a Scalable Alternative to Reinforcement Learning" (2017).
 
 Rule: x± = θ ± σ ε_i, ε_i ~ N(0, I), F = centred ranks of f;  g = Σ_k F_k ε_k / (λ σ);  θ ← Adam(θ, g)
-(σ fixed; optional L2 weight decay on θ, as in the paper).
+(σ fixed; optional L2 weight decay on θ, as in the paper). The coefficients F_k / λ come from
+:func:`gradkit.search.shaping.es_weights`, the estimator :class:`gradkit.sources.ES` uses too.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._validate import check_nonneg, check_positive
-from .base import MirroredSearcher, TensorLike, centered_ranks
+from .._validate import check_betas, check_nonneg
+from .base import MirroredSearcher, TensorLike
+from .mean_optim import Adam, MeanOptimizer
+from .shaping import FitnessShaping, es_weights, resolve_shaping
 
 __all__ = ["OpenAIES"]
 
@@ -20,34 +23,43 @@ class OpenAIES(MirroredSearcher):
     """OpenAI evolution strategy (mirrored sampling, centred ranks, Adam), minimisation.
 
     Args:
-        x0, sigma0: initial parameters θ and the fixed noise scale σ (scalar or one per coordinate).
-        popsize: even number of candidates; default the even number ≥ ``4 + floor(3 ln d)``.
-        lr: Adam learning rate for θ; default ``sigma0 / 2`` (the paper: σ = 0.02, lr = 0.01).
-        weight_decay: L2 coefficient added to the gradient estimate.
-        betas: Adam's β1, β2.
-        other arguments: see :class:`gradkit.search.base.Searcher`.
+        x0: initial parameters θ.
+        sigma0: the fixed noise scale σ (scalar or one per coordinate).
+        popsize: λ, an even number of candidates; default the even number ≥ ``4 + floor(3 ln d)``.
+        lr: the learning rate of θ; default ``sigma0 / 2`` (the paper: σ = 0.02, lr = 0.01).
+        weight_decay: L2 coefficient added to the gradient estimate (default 0).
+        betas: Adam's (β₁, β₂) when ``optimizer`` is None (default (0.9, 0.999)).
+        optimizer: the mean's update rule, a :class:`gradkit.search.mean_optim.MeanOptimizer` (its ``lr`` None
+            takes ``lr``) or ``"adam"`` / ``"sgd"``; default Adam with ``betas``.
+        fitness_shaping: a :class:`gradkit.search.shaping.FitnessShaping` or its name (default centred ranks).
+        bounds, seed, on_nonfinite, dtype, device: see :class:`gradkit.search.Searcher`.
     """
 
     paper = "Evolution Strategies as a Scalable Alternative to Reinforcement Learning"
-    _state_attrs = ("m", "sigma", "lr", "adam_m", "adam_v", "adam_t")
+    _state_attrs = ("m", "sigma")
 
     def __init__(self, x0: TensorLike, sigma0: TensorLike, *, popsize: int | None = None, lr: float | None = None,
-                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), bounds=None,
-                 seed: int | None = None, on_nonfinite: str = "raise", dtype: torch.dtype = torch.float64,
-                 device=None):
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 optimizer: MeanOptimizer | str | None = None,
+                 fitness_shaping: FitnessShaping | str = "centred_ranks", bounds=None, seed: int | None = None,
+                 on_nonfinite: str = "raise", dtype: torch.dtype = torch.float64, device=None):
+        sigma_mean = float(torch.as_tensor(sigma0, dtype=torch.float64).mean())
+        if optimizer is None:
+            optimizer = Adam(lr, check_betas("betas", betas, 2))
         super().__init__(x0, sigma0, popsize=popsize, bounds=bounds, seed=seed, on_nonfinite=on_nonfinite,
-                         dtype=dtype, device=device)
-        self.lr = check_positive("lr", 0.5 * float(self.sigma0.mean()) if lr is None else lr)
+                         dtype=dtype, device=device, optimizer=optimizer,
+                         default_lr=0.5 * sigma_mean if lr is None else lr)
         self.weight_decay = check_nonneg("weight_decay", weight_decay)
-        self.betas = (check_nonneg("betas[0]", betas[0]), check_nonneg("betas[1]", betas[1]))
-        if not (self.betas[0] < 1 and self.betas[1] < 1):
-            raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
+        self.shaping = resolve_shaping(fitness_shaping, "fitness_shaping")
+
+    @property
+    def lr(self) -> float:
+        return self.mean_optimizer.lr
 
     def gradient(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """The search-gradient estimate of f at θ from evaluated candidates (descent direction is −g)."""
         eps = (x - self.m) / self.sigma
-        return centered_ranks(f) @ eps / (len(f) * self.sigma)
+        return es_weights(f, self.shaping) @ eps / self.sigma
 
     def _update(self, x: torch.Tensor, f: torch.Tensor) -> None:
-        g = self.gradient(x, f) + self.weight_decay * self.m
-        self.m = self.m - self.lr * self._adam(g, self.betas)
+        self._descend(self.gradient(x, f) + self.weight_decay * self.m)

@@ -12,7 +12,27 @@ from torch import nn
 __all__ = ["ParamVector"]
 
 
-class ParamVector:
+class Settable:
+    """A search space read with ``get()`` and written with ``set(x)``; ``at(x)`` sets it for a ``with`` block."""
+
+    def get(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def set(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def at(self, x: torch.Tensor) -> Iterator[None]:
+        """Temporarily set the space to ``x``; the previous values are restored on exit (also on error)."""
+        saved = self.get()
+        self.set(x)
+        try:
+            yield
+        finally:
+            self.set(saved)
+
+
+class ParamVector(Settable):
     """Flat view of a model's parameters: ``get()`` reads them as one ``[d]`` tensor, ``set(x)`` writes them back.
 
     With ``share=True`` (default, possible when all parameters have one dtype and device) the parameters are
@@ -85,16 +105,6 @@ class ParamVector:
         for p, n in zip(self.params, self.numels):
             p.copy_(x[offset:offset + n].view(p.shape))
             offset += n
-
-    @contextlib.contextmanager
-    def at(self, x: torch.Tensor) -> Iterator[None]:
-        """Temporarily set the parameters to ``x``; the previous values are restored on exit."""
-        saved = self.get()
-        self.set(x)
-        try:
-            yield
-        finally:
-            self.set(saved)
 
     @torch.no_grad()
     def evaluate(self, fn: Callable[[], Any], candidates: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from .._validate import check_positive
-from .base import Searcher, TensorLike, check_sigma_scalar
-from .cmaes import cma_weights
+from .base import TensorLike, check_sigma_scalar
+from .cmaes import _CMA
 
 __all__ = ["SepCMAES"]
 
 
-class SepCMAES(Searcher):
+class SepCMAES(_CMA):
     """CMA-ES with a diagonal covariance matrix (for large ``d``), minimisation.
 
     Args:
@@ -33,6 +33,7 @@ class SepCMAES(Searcher):
     """
 
     paper = "A Simple Modification in CMA-ES Achieving Linear Time and Space Complexity"
+    diagonal = True
     _state_attrs = ("m", "sigma", "c_diag", "pc", "ps", "run_generation", "fhist", "last_frange")
 
     def __init__(self, x0: TensorLike, sigma0: float, *, popsize: int | None = None, bounds=None,
@@ -44,7 +45,7 @@ class SepCMAES(Searcher):
         self.active = bool(active)
         self.tolfun = check_positive("tolfun", tolfun)
         self.tolx = check_positive("tolx", tolx)
-        self._set_parameters()
+        self._set_constants()
         kw = {"dtype": self.dtype, "device": self.device}
         self.m = self.x0.clone()
         self.sigma = float(self.sigma0)
@@ -55,65 +56,18 @@ class SepCMAES(Searcher):
         self.fhist: list[float] = []
         self.last_frange = math.inf
 
-    def _set_parameters(self) -> None:
-        n, lam = self.dim, self.popsize
-        raw = [math.log((lam + 1) / 2) - math.log(i + 1) for i in range(lam)]
-        pos = [w for w in raw if w > 0]
-        mueff = sum(pos) ** 2 / sum(w * w for w in pos)
-        # The diagonal has d free parameters instead of d(d+1)/2: learn (d + 2)/3 times faster (Ros & Hansen).
-        fac = (n + 2) / 3
-        self.c1 = min(1.0, fac * 2 / ((n + 1.3) ** 2 + mueff))
-        self.cmu = min(1 - self.c1, fac * 2 * (0.25 + mueff - 2 + 1 / mueff) / ((n + 2) ** 2 + mueff))
-        w, self.mu, self.mueff = cma_weights(lam, n, self.c1, self.cmu, self.active)
-        self.weights = torch.tensor(w, dtype=self.dtype, device=self.device)
-        self.cc = (4 + mueff / n) / (n + 4 + 2 * mueff / n)
-        self.cs = (mueff + 2) / (n + mueff + 5)
-        self.ds = 1 + 2 * max(0.0, math.sqrt((mueff - 1) / (n + 1)) - 1) + self.cs
-        self.chi_n = math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n * n))
-
     def _after_load(self) -> None:
-        self._set_parameters()
-        self.fhist = list(self.fhist)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.m.clone()
-
-    @property
-    def step_size(self) -> float:
-        return self.sigma
+        super()._after_load()
+        self._set_constants()
 
     def _sample(self) -> torch.Tensor:
-        z = torch.randn(self.popsize, self.dim, generator=self.generator, dtype=self.dtype, device=self.device)
-        return self.m + self.sigma * z * self.c_diag.sqrt()
+        return self.m + self.sigma * self._randn(self.popsize) * self.c_diag.sqrt()
 
-    def _update(self, x: torch.Tensor, f: torch.Tensor) -> None:
-        n, mu = self.dim, self.mu
-        order = torch.argsort(f, stable=True)
-        y = (x[order] - self.m) / self.sigma
-        w = self.weights
-        yw = w[:mu] @ y[:mu]
-        self.m = self.m + self.sigma * yw
-        sd = self.c_diag.sqrt()
-        zs = y / sd
-        self.ps = (1 - self.cs) * self.ps + math.sqrt(self.cs * (2 - self.cs) * self.mueff) * (w[:mu] @ zs[:mu])
-        g = self.run_generation + 1
-        ps_norm = float(self.ps.norm())
-        hsig = ps_norm / math.sqrt(1 - (1 - self.cs) ** (2 * g)) < (1.4 + 2 / (n + 1)) * self.chi_n
-        self.pc = (1 - self.cc) * self.pc + (math.sqrt(self.cc * (2 - self.cc) * self.mueff) * yw if hsig else 0.0)
-        wo = w.clone()
-        if self.active and self.popsize > mu:
-            wo[mu:] = w[mu:] * n / (zs[mu:] ** 2).sum(1).clamp_min(1e-300)
-        delta_h = (1 - float(hsig)) * self.cc * (2 - self.cc)
-        decay = 1 + self.c1 * delta_h - self.c1 - self.cmu * float(w.sum())
+    def _whiten(self, y: torch.Tensor) -> torch.Tensor:
+        return y / self.c_diag.sqrt()
+
+    def _adapt_covariance(self, y: torch.Tensor, wo: torch.Tensor, decay: float) -> None:
         self.c_diag = (decay * self.c_diag + self.c1 * self.pc ** 2 + self.cmu * (wo @ (y * y))).clamp_min(1e-300)
-        self.sigma *= math.exp(min(1.0, (self.cs / self.ds) * (ps_norm / self.chi_n - 1)))
-        self.run_generation = g
-        self.fhist.append(float(f[order[0]]))
-        keep = 10 + int(math.ceil(30 * n / self.popsize))
-        if len(self.fhist) > keep:
-            del self.fhist[: len(self.fhist) - keep]
-        self.last_frange = float(f.max() - f.min())
 
     def _stop_reasons(self) -> dict[str, Any]:
         if self.run_generation < 2:

@@ -16,34 +16,32 @@ import torch
 
 from .._validate import check_nonneg, check_positive
 from .base import Searcher, TensorLike
+from .shaping import FitnessShaping, resolve_shaping
 
-__all__ = ["SNES", "nes_utilities"]
-
-
-def nes_utilities(n: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
-    """NES fitness shaping for ranks 1..n (best first): max(0, ln(n/2 + 1) − ln k), normalised, minus 1/n."""
-    k = torch.arange(1, n + 1, dtype=dtype, device=device)
-    u = (math.log(n / 2 + 1) - k.log()).clamp_min(0)
-    return u / u.sum() - 1.0 / n
+__all__ = ["SNES"]
 
 
 class SNES(Searcher):
     """Separable NES, minimisation.
 
     Args:
-        x0, sigma0: initial mean and standard deviation (scalar or one per coordinate).
-        popsize: default ``4 + floor(3 ln d)``.
+        x0: initial mean μ.
+        sigma0: initial standard deviation σ (scalar or one per coordinate).
+        popsize: λ, default ``4 + floor(3 ln d)``.
         lr_mean: η_μ (default 1, as in the paper).
         lr_sigma: η_σ (default (3 + ln d) / (5 √d), as in the paper).
-        tolx: stop when every standard deviation is below it.
-        other arguments: see :class:`gradkit.search.base.Searcher`.
+        fitness_shaping: the utilities u_k, a :class:`gradkit.search.shaping.FitnessShaping` or its name (default
+            ``"nes"``, the paper's rank utilities).
+        tolx: stop when every standard deviation is below it (default 1e-12).
+        bounds, seed, on_nonfinite, dtype, device: see :class:`gradkit.search.Searcher`.
     """
 
     paper = "High Dimensions and Heavy Tails for Natural Evolution Strategies"
     _state_attrs = ("m", "sigma")
 
     def __init__(self, x0: TensorLike, sigma0: TensorLike, *, popsize: int | None = None, lr_mean: float = 1.0,
-                 lr_sigma: float | None = None, tolx: float = 1e-12, bounds=None, seed: int | None = None,
+                 lr_sigma: float | None = None, fitness_shaping: FitnessShaping | str = "nes",
+                 tolx: float = 1e-12, bounds=None, seed: int | None = None,
                  on_nonfinite: str = "raise", dtype: torch.dtype = torch.float64, device=None):
         super().__init__(x0, sigma0, popsize=popsize, bounds=bounds, seed=seed, on_nonfinite=on_nonfinite,
                          dtype=dtype, device=device)
@@ -52,24 +50,14 @@ class SNES(Searcher):
         self.lr_sigma = check_positive("lr_sigma", (3 + math.log(d)) / (5 * math.sqrt(d))
                                        if lr_sigma is None else lr_sigma)
         self.tolx = check_nonneg("tolx", tolx)
-        self.utilities = nes_utilities(self.popsize, self.dtype, self.device)
+        self.shaping = resolve_shaping(fitness_shaping, "fitness_shaping")
         self.m = self.x0.clone()
         self.sigma = self.sigma0.expand(d).clone()
 
-    def _after_load(self) -> None:
-        self.utilities = nes_utilities(self.popsize, self.dtype, self.device)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.m.clone()
-
-    def _sample(self) -> torch.Tensor:
-        s = torch.randn(self.popsize, self.dim, generator=self.generator, dtype=self.dtype, device=self.device)
-        return self.m + self.sigma * s
-
     def _update(self, x: torch.Tensor, f: torch.Tensor) -> None:
-        s = (x[torch.argsort(f, stable=True)] - self.m) / self.sigma
-        u = self.utilities
+        order = torch.argsort(f, stable=True)
+        s = (x[order] - self.m) / self.sigma
+        u = -self.shaping(f)[order]  # utilities, best sample first
         self.m = self.m + self.lr_mean * self.sigma * (u @ s)
         self.sigma = self.sigma * torch.exp(self.lr_sigma / 2 * (u @ (s * s - 1)))
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .._validate import check_choice, check_int, check_positive
+from .param_vector import Settable
 
 __all__ = ["LoRASingularValues", "PromptEmbedding"]
 
@@ -30,7 +31,7 @@ def _orthonormal(rows: int, cols: int, gen: torch.Generator, dtype: torch.dtype,
     return (q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q)).to(dtype)
 
 
-class LoRASingularValues:
+class LoRASingularValues(Settable):
     """ESSA's search space: ``rank`` singular values per adapted linear layer, as one flat vector.
 
     Args:
@@ -131,15 +132,6 @@ class LoRASingularValues:
         if s.shape != (self.dim,):
             raise ValueError(f"s must have shape [{self.dim}], got {tuple(s.shape)}")
         self.vector.copy_(s)
-
-    @contextlib.contextmanager
-    def at(self, s: torch.Tensor) -> Iterator[None]:
-        saved = self.get()
-        self.set(s)
-        try:
-            yield
-        finally:
-            self.set(saved)
 
     @contextlib.contextmanager
     def population(self, candidates: torch.Tensor) -> Iterator[None]:

@@ -12,8 +12,9 @@ from .likelihood_ratio import LikelihoodRatio
 from .mono_forward import MonoForward
 from .noprop import NoProp
 from .spsa import SPSA
+from .zeroth_order import ZerothOrder
 from .zosgd import ZOSGD
 
 __all__ = ["ES", "SPSA", "ZOSGD", "Backprop", "Closure", "Comparison", "FeedbackAlignment", "ForwardForward",
-           "ForwardGradient", "LikelihoodRatio", "LocalRule", "MonoForward", "NoProp", "Source", "as_blocks",
-           "check_loss", "compare", "trainable_params"]
+           "ForwardGradient", "LikelihoodRatio", "LocalRule", "MonoForward", "NoProp", "Source", "ZerothOrder",
+           "as_blocks", "check_loss", "compare", "trainable_params"]

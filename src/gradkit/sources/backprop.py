@@ -21,7 +21,9 @@ class Backprop(Source):
     ``.grad`` is overwritten, never accumulated. A parameter the loss does not depend on gets ``grad = None``,
     exactly as after ``zero_grad(set_to_none=True); loss.backward()``, so optimizers leave it alone.
     The closure must return the loss without calling ``backward()`` itself (this source does it); a closure that
-    does raises ``ValueError`` and leaves ``.grad`` as it was before the call.
+    does raises ``ValueError`` and leaves ``.grad`` as it was before the call. A closure may return ``B``
+    per-sample losses when the source holds one parameter of shape ``[B, ...]``: the gradient is that of their
+    sum (row ``b`` gets ``∂loss[b]/∂x[b]``), and ``estimate`` returns the ``B`` losses.
 
     Args:
         model_or_params: a module (its parameters with ``requires_grad``) or an iterable of tensors.
@@ -45,11 +47,18 @@ class Backprop(Source):
 
     def _backprop(self, closure: Closure, params: list[torch.Tensor]) -> torch.Tensor:
         with torch.enable_grad():
-            loss = check_loss(closure(), needs_grad=True, finite=False)
+            loss = closure()
+            # Per-sample losses (one per row of a single parameter [B, ...]): the gradient of their sum, whose
+            # row b is ∂loss[b]/∂x[b] when each loss depends on its own row only.
+            per_sample = (len(self.params) == 1 and len(params) == 1 and params[0].dim() >= 1
+                          and isinstance(loss, torch.Tensor) and loss.dim() == 1 and loss.numel() == params[0].shape[0])
+            total = check_loss(loss.sum() if per_sample else loss, needs_grad=True, finite=False)
+            if not per_sample:
+                loss = total
             if any(p.grad is not None for p in params):
                 raise ValueError("the closure called backward() itself; under gk.sources.Backprop it must only "
                                  "return the loss (the source back-propagates, once)")
-            grads = torch.autograd.grad(loss, params, create_graph=self.create_graph, allow_unused=True)
+            grads = torch.autograd.grad(total, params, create_graph=self.create_graph, allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = g if (g is None or self.create_graph) else g.detach()
         return loss.detach()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .._validate import check_int, check_positive
-from ._perturb import stream_seed
+from ._perturb import call_forward_only, stream_seed
 from .base import Closure, Source, check_loss
 
 __all__ = ["SUPPORTED_LAYERS", "LikelihoodRatio"]
@@ -44,16 +44,26 @@ class LikelihoodRatio(Source):
     first pair), so it never depends on the pair's own noise and the estimate stays unbiased. The closure
     returns the batch-mean loss: noise is independent per example, so the estimate is unbiased but its
     variance grows with the batch size. Returns the mean noisy loss.
+
+    Args:
+        model: the module whose Linear/Conv layers get noise and gradients.
+        sigma: σ, the standard deviation of the output noise (default 0.1).
+        n_samples: noisy forward passes per estimate (default 16; even when antithetic).
+        seed: seed of the noise (default 0).
+        antithetic: mirrored noise pairs ε, −ε (default True).
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"`` (see :class:`~gradkit.sources.Source`).
     """
 
     paper = "One Forward is Enough for Neural Network Training via Likelihood Ratio Method"
 
+    self_guarded = True
+
     def __init__(self, model: nn.Module, sigma: float = 0.1, n_samples: int = 16, *, seed: int = 0,
-                 antithetic: bool = True):
+                 antithetic: bool = True, on_nonfinite: str = "raise"):
         if not isinstance(model, nn.Module):
             raise ValueError("model must be a torch.nn.Module: LikelihoodRatio hooks its layers, "
                              f"got {type(model).__name__}")
-        super().__init__(model)
+        super().__init__(model, on_nonfinite=on_nonfinite)
         self.sigma = check_positive("sigma", sigma)
         self.n_samples = check_int("n_samples", n_samples, 2 if antithetic else 1)
         if antithetic and n_samples % 2:
@@ -133,14 +143,17 @@ class LikelihoodRatio(Source):
 
         handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(self.layers)]
         try:
-            with torch.no_grad():
-                loss = float(check_loss(closure()))
+            loss = float(check_loss(call_forward_only(closure, self.active_params()),
+                                    finite=self.on_nonfinite != "ignore"))
         finally:
             for h in handles:
                 h.remove()
         return loss, scores
 
     def estimate(self, closure: Closure) -> torch.Tensor:
+        return self._guarded(self.active_params(), lambda: self._estimate(closure))
+
+    def _estimate(self, closure: Closure) -> torch.Tensor:
         active = self.active_params()
         acc = {id(p): torch.zeros_like(p) for p in active}
         n = self.n_samples

@@ -4,9 +4,9 @@
 
     c_k = [f(θ + ε z_k) − f(θ − ε z_k)] / (2ε),    θ ← θ(1 − η λ) − (η/K) Σ_k c_k z_k,
 
-where each ``z_k`` is regenerated from its seed once more for the update, one parameter at a time, so no
-gradient (nor any other parameter-sized buffer) is ever held: peak memory is that of inference plus one
-parameter tensor.
+where each ``z_k`` is regenerated from its seed once more for the update, chunk by chunk, so no gradient (nor
+any other parameter-sized buffer) is ever held. The last evaluation's shift is undone in the same pass as the
+update, so a step with one direction regenerates ``z`` three times (shift, move to the other side, undo + update).
 """
 
 from __future__ import annotations
@@ -16,16 +16,48 @@ from typing import Any
 
 import torch
 
-from .._validate import check_int, check_nonneg, check_positive
-from ..distributed import Comm, resolve_comm
-from ._perturb import Perturbation
-from .base import Closure, Source
+from .._validate import check_nonneg, check_positive
+from ..distributed import Comm
+from .base import Closure
+from .spsa import SPSA
 
 __all__ = ["ZOSGD"]
 
+_Optimizer = torch.optim.Optimizer
 
-class ZOSGD(Source, torch.optim.Optimizer):
-    """The fused zeroth-order mode: both the gradient source and the (plain SGD) update.
+
+def _plain(method: Any) -> Any:
+    """A ``torch.optim.Optimizer`` method without its ``torch._dynamo`` wrapper.
+
+    torch wraps ``add_param_group``, ``state_dict``, ``load_state_dict`` and ``zero_grad`` so that dynamo skips
+    them; the wrapper imports ``torch._dynamo`` on first use, ≈70 MiB of resident memory — more than the whole
+    overhead of the fused zeroth-order step on a 34 M-parameter model. ZOSGD never runs under dynamo.
+    """
+    return getattr(method, "__wrapped__", method)
+
+
+def _groups(model_or_params: Any) -> tuple[Any, list[dict[str, Any]] | None]:
+    """``(params, groups)``: groups when ``model_or_params`` is torch's list of param-group dicts, else None.
+
+    An iterator (e.g. ``model.parameters()``) is read once, here, and returned as a list.
+    """
+    if isinstance(model_or_params, (torch.nn.Module, torch.Tensor)):
+        return model_or_params, None
+    items = list(model_or_params)
+    if not items or not isinstance(items[0], dict):
+        return items, None
+    groups = []
+    for g in items:
+        if not isinstance(g, dict) or "params" not in g:
+            raise ValueError("model_or_params must hold tensors or parameter-group dicts with a 'params' key, "
+                             f"got {g!r}")
+        ps = g["params"]
+        groups.append({**g, "params": [ps] if isinstance(ps, torch.Tensor) else list(ps)})
+    return [p for g in groups for p in g["params"]], groups
+
+
+class ZOSGD(SPSA, _Optimizer):
+    """The fused zeroth-order mode: both the gradient source (SPSA's estimator) and the SGD update.
 
     How it plugs in. ZOSGD is a closure optimizer, like ``torch.optim.LBFGS``: ``loss = opt.step(closure)``
     evaluates ``2·n_directions`` losses under ``torch.no_grad`` and moves the parameters. It is also a
@@ -37,56 +69,62 @@ class ZOSGD(Source, torch.optim.Optimizer):
     There ``estimate(closure)`` applies the update and the Pipeline's following ``optimizer.step()`` (without
     closure) is a no-op; a bare ``step()`` that does not follow an ``estimate`` raises ``ValueError``. No
     ``.grad`` is written, so gradient transforms have nothing to act on: use :class:`~gradkit.sources.SPSA`
-    (the general mode) with any optimizer when transforms are needed. Learning-rate schedulers work as
-    for any torch optimizer. A non-finite loss raises
-    :class:`~gradkit.NonFiniteError` before anything moves. Shifts are undone bit-exactly (a sparse record
-    of the elements whose round trip ``p + d − d`` is inexact, see :mod:`gradkit.sources._perturb`);
-    ``exact_restore=False`` drops that record, as MeZO does, for the smallest memory.
+    (the general mode) with any optimizer when transforms are needed.
+
+    Parameter groups work as in torch (``[{"params": decay, "weight_decay": 0.1}, {"params": no_decay,
+    "weight_decay": 0.0}]``), each with its own ``lr`` and ``weight_decay``, and torch's LR schedulers act per
+    group; groups cannot be added after construction (directions are seeded per parameter index).
+
+    The closure must only compute the loss: one that runs ``backward()`` (e.g. Lightning's automatic
+    optimization wraps the training step and the backward pass in the closure) raises ``RuntimeError`` with
+    what to do instead, after the first evaluation, with parameters and ``.grad`` as they were. A non-finite
+    loss raises :class:`~gradkit.NonFiniteError` before anything moves (``on_nonfinite="skip"``: nothing moves
+    and the step is counted in ``nonfinite_skips``). Shifts are undone bit-exactly (see
+    :mod:`gradkit.sources._perturb`); ``exact_restore=False`` drops that record, as MeZO does.
+
+    Args:
+        model_or_params: a module, tensors, or torch-style parameter groups (dicts with ``"params"``).
+        lr: η, the learning rate (default 1e-3; per group).
+        eps: ε, the perturbation size (default 1e-3).
+        n_directions: K, directions averaged per step (default 1).
+        weight_decay: λ, decoupled weight decay ``θ ← θ(1 − ηλ)`` (default 0; per group).
+        seed: seed of the directions (default 0).
+        distribution: ``"gaussian"`` (default) or ``"rademacher"`` z.
+        exact_restore: bit-exact restoration after each evaluation (default True).
+        comm: ``"auto"`` (default), None or a :class:`gradkit.distributed.Comm`.
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``.
     """
 
     paper = "Fine-Tuning Language Models with Just Forward Passes"
 
-    def __init__(self, model_or_params: torch.nn.Module | Iterable[torch.Tensor], lr: float = 1e-3,
-                 eps: float = 1e-3, n_directions: int = 1, *, weight_decay: float = 0.0, seed: int = 0,
-                 distribution: str = "gaussian", exact_restore: bool = True, comm: Comm | str | None = "auto"):
-        Source.__init__(self, model_or_params)
+    def __init__(self, model_or_params: torch.nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+                 lr: float = 1e-3, eps: float = 1e-3, n_directions: int = 1, *, weight_decay: float = 0.0,
+                 seed: int = 0, distribution: str = "gaussian", exact_restore: bool = True,
+                 comm: Comm | str | None = "auto", on_nonfinite: str = "raise"):
+        model_or_params, groups = _groups(model_or_params)
         check_positive("lr", lr)
         check_nonneg("weight_decay", weight_decay)
-        torch.optim.Optimizer.__init__(self, self.params, {"lr": lr, "weight_decay": weight_decay})
-        self.eps = check_positive("eps", eps)
-        self.n_directions = check_int("n_directions", n_directions, 1)
-        self.seed = check_int("seed", seed, 0)
-        self.perturbation = Perturbation(self.params, self.seed, distribution, exact=exact_restore)
-        self.distribution = distribution
-        self.step_count = 0
+        self._frozen_groups = False
+        SPSA.__init__(self, model_or_params, eps, n_directions, seed=seed, distribution=distribution,
+                      exact_restore=exact_restore, comm=comm, on_nonfinite=on_nonfinite)
+        _Optimizer.__init__(self, groups if groups is not None else self.params,
+                            {"lr": lr, "weight_decay": weight_decay})
+        self._frozen_groups = True
         self._estimated = False
-        self.comm = resolve_comm(comm, self.seed)
+
+    def write(self, losses: torch.Tensor) -> None:
+        """``θ ← θ(1 − ηλ) − η·ĝ`` per group, straight into the parameters (undoing the last shift in passing)."""
+        ks, w = self.weights(losses)
+        hyper = {id(p): (float(g["lr"]), float(g["weight_decay"])) for g in self.param_groups for p in g["params"]}
+        scale = [-hyper[id(p)][0] if id(p) in hyper else None for p in self.params]
+        decay = [hyper[id(p)][0] * hyper[id(p)][1] if id(p) in hyper else 0.0 for p in self.params]
+        self.perturbation.apply(self.step_count, ks, w, scale, decay)
+        self.step_count += 1
 
     def estimate(self, closure: Closure) -> torch.Tensor:
-        t, pert = self.step_count, self.perturbation
-        ks = range(self.n_directions)
-        def evaluate(mine) -> torch.Tensor:
-            return pert.evaluate(closure, t, [(k, s * self.eps) for k in mine for s in (1.0, -1.0)])
-
-        if self.comm is None:
-            scalars = evaluate(ks).reshape(self.n_directions, 2)
-        else:  # each rank evaluates its share of the directions; all apply every direction from the seeds
-            scalars = self.comm.gather_scalars(lambda: evaluate(self.comm.split(self.n_directions)),
-                                               self.n_directions, per_item=2)
-        coef = ((scalars[:, 0] - scalars[:, 1]) / (2.0 * self.eps * self.n_directions)).tolist()
-        with torch.no_grad():
-            for group in self.param_groups:
-                lr, wd = float(group["lr"]), float(group["weight_decay"])
-                if wd:
-                    for p in group["params"]:
-                        if p.requires_grad:
-                            p.mul_(1.0 - lr * wd)
-                ids = {id(p) for p in group["params"]}
-                idx = [i for i, p in enumerate(self.params) if id(p) in ids]
-                pert.apply(t, ks, coef, -lr, only=idx)
-        self.step_count += 1
+        loss = super().estimate(closure)
         self._estimated = True
-        return scalars.mean().to(torch.float32)
+        return loss
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> torch.Tensor | None:  # type: ignore[override]
@@ -99,22 +137,31 @@ class ZOSGD(Source, torch.optim.Optimizer):
         return None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if hasattr(self, "perturbation"):
+        if self._frozen_groups:
             raise ValueError("ZOSGD cannot take new parameter groups after construction (its directions are "
                              "seeded per parameter index)")
         check_positive("lr", param_group.get("lr", self.defaults["lr"]))
         check_nonneg("weight_decay", param_group.get("weight_decay", self.defaults["weight_decay"]))
-        super().add_param_group(param_group)
+        _plain(_Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        _plain(_Optimizer.zero_grad)(self, set_to_none)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        sd = torch.optim.Optimizer.state_dict(self)
-        sd["zo"] = {"step": self.step_count, "seed": self.seed}
+        sd = _plain(_Optimizer.state_dict)(self)
+        sd["zo"] = SPSA.state_dict(self)
         return sd
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # type: ignore[override]
         state = dict(state)
         zo = state.pop("zo")
-        torch.optim.Optimizer.load_state_dict(self, state)
-        self.step_count = int(zo["step"])
-        self.seed = self.perturbation.seed = int(zo["seed"])
+        _plain(_Optimizer.load_state_dict)(self, state)
+        SPSA.load_state_dict(self, zo)
         self._estimated = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer keeps only defaults/state/param_groups, which would leave a copy unable to step.
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        _Optimizer.__setstate__(self, state)
