@@ -286,8 +286,8 @@ class Perturbation:
         params: the parameters to perturb (their order fixes the direction streams).
         seed: seed ``s`` of the streams; direction ``k`` of step ``t`` for parameter ``i`` is drawn from a
             generator seeded with ``stream_seed(s, t, k, i)``.
-        distribution: ``"gaussian"`` (``z ~ N(0, I)``) or ``"rademacher"`` (``±1`` with equal probability); both
-            have ``E[z zᵀ] = I``.
+        distribution: ``"gaussian"`` (default, ``z ~ N(0, I)``) or ``"rademacher"`` (``±1`` with equal
+            probability); both have ``E[z zᵀ] = I``.
         chunk: elements per generated chunk (default 2¹⁸: 1 MiB of float32 scratch per buffer).
         exact: keep the record that makes restoration bit-exact (default True); ``False`` drops it, so
             ``p + d − d`` may differ from ``p`` in the last bit of a few elements, as in MeZO.
