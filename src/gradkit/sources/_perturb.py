@@ -296,13 +296,13 @@ class Perturbation:
             generator seeded with ``stream_seed(s, t, k, i)``.
         distribution: ``"gaussian"`` (default, ``z ~ N(0, I)``) or ``"rademacher"`` (``±1`` with equal
             probability); both have ``E[z zᵀ] = I``.
-        chunk: elements per generated chunk (default 2¹⁸: 1 MiB of float32 scratch per buffer).
+        chunk: elements per generated chunk (default 2¹⁷: 512 KiB of float32 scratch per buffer).
         exact: keep the record that makes restoration bit-exact (default True); ``False`` drops it, so
             ``p + d − d`` may differ from ``p`` in the last bit of a few elements, as in MeZO.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], seed: int, distribution: str = "gaussian",
-                 chunk: int = 1 << 18, exact: bool = True):
+                 chunk: int = 1 << 17, exact: bool = True):
         self.params = list(params)
         self.exact = bool(exact)
         self.seed = int(seed)
