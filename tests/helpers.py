@@ -71,3 +71,25 @@ def assert_state_dict_roundtrip(factory, steps: int = 50, shapes=SHAPES):
     resumed, _ = run_sequence(factory, steps, shapes, start=steps, params=params, opt=fresh)
     for a, b in zip(straight, resumed):
         assert torch.equal(a, b), f"resumed run differs by {float((a - b).abs().max()):.3g}"
+
+
+def feed_grads(opt_or_cls, params, step: int = 0, seed: int = 0, nan: bool = False, only=None) -> None:
+    """Set ``.grad`` for one step as the optimizer's capabilities require (the capability table drives the tests).
+
+    Plain optimizers get :func:`grad_for`'s sequence; one with ``needs_graph`` gets the same values plus ``p``, as the
+    gradient of ``Σ g·p + ½‖p‖²`` taken with ``create_graph=True`` (so its Hessian-vector products are defined).
+    ``nan`` poisons one element of the last parameter's gradient; ``only`` restricts which parameters get one.
+    """
+    targets = [p for p in params if only is None or any(p is q for q in only)]
+    for p in params:
+        p.grad = None
+    if getattr(opt_or_cls, "needs_graph", False):
+        loss = sum((grad_for(step, p, i, seed) * p).sum() + 0.5 * (p * p).sum() for i, p in enumerate(targets))
+        if nan:
+            loss = loss + (targets[-1].reshape(-1)[0] * float("nan"))
+        loss.backward(create_graph=True)
+        return
+    for i, p in enumerate(targets):
+        p.grad = grad_for(step, p, i, seed)
+    if nan:
+        targets[-1].grad.reshape(-1)[0] = float("nan")

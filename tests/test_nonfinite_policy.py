@@ -256,3 +256,20 @@ def _backward_and_return(params):
     loss.backward(retain_graph=True)
     return loss
 
+
+
+# -- the check itself ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_is_exact_whatever_the_magnitude(dtype):
+    from gradkit._kernels import all_finite
+
+    big = torch.finfo(dtype).max / 2  # finite, but its square (and the 2-norm of two of them) overflows
+    ok = [torch.randn(5, 3).to(dtype), torch.full((7,), big, dtype=dtype), torch.zeros(0, dtype=dtype)]
+    assert all_finite(ok)
+    assert all_finite(ok + [torch.ones(2, dtype=torch.float64)])  # mixed dtypes
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(4, 4).to(dtype)
+        t[1, 2] = bad
+        assert not all_finite(ok + [t])
+        assert not all_finite([t.requires_grad_() * 1.0])  # a graph-carrying tensor is read, not differentiated
+    assert all_finite([])

@@ -41,3 +41,15 @@ def test_stateful_defaults():
     t.load_state_dict({})
     with pytest.raises(ValueError, match=r"Thing has no state, got keys \['a'\]"):
         t.load_state_dict({"a": 1})
+
+
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+def test_non_finite_hyper_parameters_are_refused_naming_them(bad):
+    from gradkit._validate import check_nonneg, check_positive, check_range
+
+    for check in (check_nonneg, check_positive):
+        with pytest.raises(ValueError, match="lr must be"):
+            check("lr", bad)
+    with pytest.raises(ValueError, match="growth_rate"):
+        check_range("growth_rate", float("nan"), 1.0, allow_inf=True)
+    assert check_range("growth_rate", float("inf"), 1.0, allow_inf=True) == float("inf")

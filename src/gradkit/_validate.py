@@ -14,25 +14,30 @@ NONFINITE_POLICIES = ("raise", "skip", "worst", "ignore")
 NONFINITE_SINGLE = ("raise", "skip", "ignore")
 
 
-def _num(name: str, value: Any) -> float:
+def _num(name: str, value: Any, allow_inf: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         try:
             import torch
 
             if isinstance(value, torch.Tensor) and value.numel() == 1:
-                return float(value)
+                return _num(name, float(value), allow_inf)
         except ImportError:  # pragma: no cover
             pass
         raise ValueError(f"{name} must be a real number, got {value!r}")
     if math.isnan(value):
         raise ValueError(f"{name} must be a real number, got nan")
+    if math.isinf(value) and not allow_inf:
+        raise ValueError(f"{name} must be finite, got {value!r}")
     return float(value)
 
 
 def check_range(name: str, value: Any, low: float | None = None, high: float | None = None,
-                low_open: bool = False, high_open: bool = False) -> float:
-    """Check ``low <=/< value <=/< high``; return ``value`` as float."""
-    v = _num(name, value)
+                low_open: bool = False, high_open: bool = False, allow_inf: bool = False) -> float:
+    """Check ``low <=/< value <=/< high``; return ``value`` as float.
+
+    NaN is always refused; ±inf too unless ``allow_inf`` (for an argument where infinity means "no limit").
+    """
+    v = _num(name, value, allow_inf)
     bad_low = low is not None and (v <= low if low_open else v < low)
     bad_high = high is not None and (v >= high if high_open else v > high)
     if bad_low or bad_high:
@@ -43,12 +48,12 @@ def check_range(name: str, value: Any, low: float | None = None, high: float | N
     return v
 
 
-def check_nonneg(name: str, value: Any) -> float:
-    return check_range(name, value, 0.0)
+def check_nonneg(name: str, value: Any, allow_inf: bool = False) -> float:
+    return check_range(name, value, 0.0, allow_inf=allow_inf)
 
 
-def check_positive(name: str, value: Any) -> float:
-    return check_range(name, value, 0.0, low_open=True)
+def check_positive(name: str, value: Any, allow_inf: bool = False) -> float:
+    return check_range(name, value, 0.0, low_open=True, allow_inf=allow_inf)
 
 
 def check_beta(name: str, value: Any) -> float:

@@ -195,6 +195,18 @@ def test_zosgd_under_automatic_optimization_raises_before_any_backward(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(before, params(model)))
 
 
+def test_without_the_callback_zosgd_refuses_lightnings_backward_closure(tmp_path):
+    # ZOSGD itself detects the closure that ran backward (one pass, Lightning's), puts .grad back and raises,
+    # pointing at this integration; with GradkitCallback the same setup is refused before any backward (above).
+    model = Net("zosgd-auto")
+    before = params(model)
+    with pytest.raises(RuntimeError, match=r"gradkit\.integrations\.lightning"):
+        make_trainer(tmp_path).fit(model, loader())
+    assert model.backward_calls <= len(before)  # at most one backward pass (one hook call per parameter)
+    assert all(p.grad is None for p in model.net.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, params(model)))
+
+
 def test_schedule_free_validates_and_predicts_at_the_average_x(tmp_path):
     model = Net("sf")
     trainer = make_trainer(tmp_path, [GradkitCallback()], limit_val_batches=1)

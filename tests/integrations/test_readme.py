@@ -25,11 +25,6 @@ def test_integrations_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # checkpoints and output directories land here
     namespace: dict = {"__name__": "readme"}
     for i, code in enumerate(blocks):  # one session: later blocks reuse earlier names (config, data)
-        try:
-            exec(compile(code, f"README.md:Integrations[{i}]", "exec"), namespace)
-        except ValueError as exc:
-            if "must hold tensors" in str(exc):
-                pytest.skip(f"ZOSGD does not take parameter groups yet (zo helper's part of issue 13): {exc}")
-            raise
+        exec(compile(code, f"README.md:Integrations[{i}]", "exec"), namespace)
     assert (tmp_path / "regressor.ckpt").is_file()
     assert (tmp_path / "mezo-out" / "checkpoint-10" / "optimizer.pt").is_file()

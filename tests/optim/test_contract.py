@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gradkit as gk
-from tests.helpers import make_params, run_sequence
+from tests.helpers import feed_grads, make_params
 
 
 def all_optimizers():
@@ -30,6 +30,20 @@ def test_negative_lr_names_lr(cls):
         pytest.skip(f"{cls.__name__} takes no learning rate")
     with pytest.raises(ValueError, match="lr"):
         _make(cls, make_params(), lr=-1.0)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_non_finite_lr_names_lr(cls, bad):
+    import inspect
+
+    if "lr" not in inspect.signature(cls).parameters:
+        pytest.skip(f"{cls.__name__} takes no learning rate")
+    with pytest.raises(ValueError, match="lr"):
+        _make(cls, make_params(), lr=bad)
+    opt = _make(cls, make_params()[:2])
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": make_params()[2:], "lr": bad})
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
@@ -82,13 +96,14 @@ def test_bad_param_group_rejected_and_not_added(cls):
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_nonfinite_gradient_leaves_everything_untouched(cls, policy):
-    ps = make_params()
-    params, opt = run_sequence(lambda p: _make(cls, p, on_nonfinite=policy), steps=5)
+    params = make_params()
+    opt = _make(cls, params, on_nonfinite=policy)
+    for t in range(5):
+        feed_grads(cls, params, t)
+        opt.step()
     before_p = [p.detach().clone() for p in params]
     before_s = copy.deepcopy(opt.state_dict())
-    for p in params:
-        p.grad = torch.randn_like(p)
-    params[-1].grad[0] = float("nan")
+    feed_grads(cls, params, 5, nan=True)
     if policy == "raise":
         with pytest.raises(gk.NonFiniteError):
             opt.step()
@@ -101,7 +116,6 @@ def test_nonfinite_gradient_leaves_everything_untouched(cls, policy):
         for name, v in st.items():
             w = after_s["state"][k][name]
             assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, name
-    del ps
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
@@ -110,9 +124,8 @@ def test_works_with_torch_lr_scheduler_and_zero_grad(cls):
     opt = _make(cls, params)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     lr0 = opt.param_groups[0]["lr"]
-    for _ in range(4):
-        for p in params:
-            p.grad = torch.randn_like(p)
+    for t in range(4):
+        feed_grads(cls, params, t)
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(lr0 * 0.25)
@@ -128,7 +141,7 @@ def test_step_with_closure_returns_loss(cls):
     def closure():
         opt.zero_grad()
         loss = (w**2).sum()
-        loss.backward()
+        loss.backward(create_graph=cls.needs_graph)
         return loss
 
     loss = opt.step(closure)
@@ -140,9 +153,8 @@ def test_parameters_without_grad_are_untouched(cls):
     ps = make_params()
     opt = _make(cls, ps)
     frozen = ps[0].detach().clone()
-    for _ in range(3):
-        for p in ps[1:]:
-            p.grad = torch.randn_like(p)
+    for t in range(3):
+        feed_grads(cls, ps, t, only=ps[1:])
         opt.step()
     assert torch.equal(frozen, ps[0])
     assert len(opt.state[ps[0]]) == 0
@@ -175,3 +187,25 @@ def test_mixed_dtypes_in_one_group(kernel):
     for a, b in zip(ps, ref):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_capability_table_is_honoured(cls):
+    caps = gk.optim.capabilities()[cls.__name__]
+    assert caps["needs_graph"] == cls.needs_graph
+    if not caps["supports_complex"]:
+        z = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+        opt = _make(cls, [z])
+        z.grad = torch.ones_like(z)
+        with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support complex"):
+            opt.step()
+    if not caps["supports_sparse"]:
+        w = torch.randn(4, 2, requires_grad=True)
+        opt = _make(cls, [w])
+        w.grad = torch.zeros(4, 2).to_sparse()
+        with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support sparse"):
+            opt.step()
+    if caps["needs_graph"]:  # a Pipeline whose source builds no graph is refused before anything runs
+        model = torch.nn.Linear(3, 1)
+        with pytest.raises(ValueError, match="create_graph=True"):
+            gk.Pipeline(gk.sources.Backprop(model), optimizer=_make(cls, model.parameters()))

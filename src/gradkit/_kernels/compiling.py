@@ -9,11 +9,12 @@ A new model, a frozen parameter (GradES) or a new step-count bucket therefore ne
 be flattened (non-contiguous, fewer than 2 elements, tensor subclasses, mixed lengths) run on the eager path.
 
 **Never blocking under ``kernel="auto"``.** ``auto`` starts on the eager foreach path and keeps, per rule and
-dtype signature, the time spent there. Once that time exceeds :func:`compile_after` seconds (default 2, the
-environment variable ``GRADKIT_COMPILE_AFTER``; ``0`` compiles from the first step, ``inf`` never), the graph is
-compiled in a background thread on the stand-in tensors while the steps go on eagerly; the first step after it
-is ready uses it. Short jobs (whose update rules cost less than that in total) never compile, so they run as fast
-as the eager path from the first step. Compiled and eager paths agree to float rounding (FMA contraction), not
+dtype signature, the CPU time the stepping thread spent there (not wall time: a busy machine must not make a short
+job look long). Once that time exceeds :func:`compile_after` seconds (default 2, the environment variable
+``GRADKIT_COMPILE_AFTER``; ``0`` compiles from the first step, ``inf`` never), the graph is compiled in a
+background thread on the stand-in tensors while the steps go on eagerly; the first step after it is ready uses it.
+Short jobs (whose update rules cost less than that in total) never compile, so they run as fast as the eager path
+from the first step. Compiled and eager paths agree to float rounding (FMA contraction), not
 bit for bit, so the step at which a run switches (which depends on timing) changes its last bits; pass
 ``kernel="foreach"`` or ``kernel="compiled"`` for a run that is bit-reproducible from one process to the next.
 ``kernel="compiled"`` compiles on first use, in the calling thread.
@@ -29,6 +30,7 @@ never compile), so an unexpected guard failure falls back to eager instead of co
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -71,8 +73,9 @@ def _find_cxx() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def _cheap_unavailable() -> str | None:
-    """Why torch.compile certainly cannot work here, from checks that cost nothing; None when it may."""
+    """Why torch.compile certainly cannot work here, from cheap checks made once per process; None when it may."""
     if os.environ.get("GRADKIT_NO_COMPILE"):
         return "GRADKIT_NO_COMPILE is set"
     if not hasattr(torch, "compile"):
@@ -146,7 +149,7 @@ def auto_unavailable() -> str | None:
 
 
 def compile_after() -> float:
-    """Seconds of eager time one rule signature accumulates under ``auto`` before its graph is compiled.
+    """Seconds of eager CPU time one rule signature accumulates under ``auto`` before its graph is compiled.
 
     Read from ``GRADKIT_COMPILE_AFTER`` (default 2; ``0`` compiles at the first step, ``inf`` never). A compile
     costs a few seconds of CPU in the background (about one second from inductor's disk cache); the rule of
@@ -290,7 +293,7 @@ class CompiledRule:
         self.ready: set[Signature] = set()
         self.failed: set[Signature] = set()
         self.pending: set[Signature] = set()
-        self.eager_seconds: dict[Any, float] = {}  # eager time per (device, dtypes, scalars, grad mode)
+        self.eager_seconds: dict[Any, float] = {}  # eager CPU seconds per (device, dtypes, scalars, grad mode)
         self.activated: set[Any] = set()  # ledgers whose graphs are wanted
         self._pads: dict[Signature, list[list[torch.Tensor]]] = {}
         self.graph_calls = 0  # calls that ran a compiled graph (tests and benchmarks read it)

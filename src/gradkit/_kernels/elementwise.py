@@ -103,10 +103,12 @@ class Elementwise:
             ledger = (ref.device, tuple(lst[0].dtype for lst in group), names, grad)
             if auto and ledger not in graphs.activated:
                 # Not (yet) worth a compile: eager, and count what it cost (the ski-rental ledger).
+                # CPU time of the stepping thread, not wall time: a machine busy with other work (or worker threads
+                # spinning) must not make a short job look long. On a quiet machine it is about the wall time.
                 limit = _compile.compile_after()
-                start = time.perf_counter()
+                start = time.thread_time()
                 self._foreach(group, scalars)
-                spent = graphs.eager_seconds.get(ledger, 0.0) + time.perf_counter() - start
+                spent = graphs.eager_seconds.get(ledger, 0.0) + time.thread_time() - start
                 graphs.eager_seconds[ledger] = spent
                 if spent >= limit and not math.isinf(limit):
                     graphs.activated.add(ledger)

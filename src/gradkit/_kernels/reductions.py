@@ -62,17 +62,30 @@ def sq_norm_total(tensors: Sequence[torch.Tensor]) -> float:
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """True when every element of every tensor is finite. One synchronisation, however many tensors and devices.
 
-    Uses the max-norm per tensor: it propagates NaN and Inf and, unlike a sum, cannot overflow on finite data.
-    Each device and dtype reduces its own tensors to one flag on the device; the flags of all devices are
-    gathered on one device and read back once.
+    Two fast fused passes per device and dtype, the max and the 2-norm of each tensor: a NaN or +Inf makes the max
+    non-finite, a −Inf makes the 2-norm infinite. (The foreach max-norm, which would settle everything in one pass,
+    is not fused on CPU: 479 ms over 10M float32 elements in 40 tensors against 1 + 2 ms for these two.) A sum of
+    squares can overflow on finite data (elements above ~1e19 in float32), so when only the 2-norm is non-finite
+    the answer is settled with the max-norm: a second pass and synchronisation, only for a −Inf or huge values.
+    Each device and dtype reduces its own tensors to two flags on the device; the flags of all devices are
+    gathered on one device and read back once. Half precision is reduced in float32.
 
     Args:
         tensors: The tensors (``None`` entries are not allowed).
     """
-    if not tensors:
+    ts = [t.detach() for t in tensors if t.numel()]
+    if not ts:
         return True
+    groups = group_by_device_dtype([ts])
     flags = []
-    for group in group_by_device_dtype([[t.detach() for t in tensors]]):
-        maxes = torch._foreach_norm(group[0], float("inf"))
-        flags.append(torch.isfinite(torch.stack(maxes)).all())
-    return bool(_to_one_device(flags).all())
+    for g in groups:
+        maxes = torch.stack(torch._foreach_max(g[0]))
+        norms = torch.stack(torch._foreach_norm(g[0], 2, dtype=torch.float32 if g[0][0].element_size() < 4 else None))
+        flags.append(torch.stack([torch.isfinite(maxes).all(), torch.isfinite(norms).all()]))
+    ok = _to_one_device(flags).all(0)
+    code = int(ok[0].long() + 2 * ok[1].long())  # the one read: bit 0 = every max finite, bit 1 = every 2-norm
+    if not code & 1:
+        return False
+    if code & 2:
+        return True
+    return all(bool(torch.isfinite(m)) for g in groups for m in torch._foreach_norm(g[0], float("inf")))

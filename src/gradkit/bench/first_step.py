@@ -13,7 +13,7 @@ data, batch 64, for 200 steps. Reported per row, medians over ``--repeats`` proc
 ``cold`` gives every process a fresh, empty ``TORCHINDUCTOR_CACHE_DIR``; ``warm`` first runs the same job once
 (untimed) to fill a cache directory that the timed process then reuses. Models: ``5 tensors`` =
 64→256→256→10 (no bias on the last layer), ``40 tensors`` = 20 linear layers of width 256 (1.2 M parameters).
-gradkit optimizers run with their defaults (``kernel="auto"``); ``kernel=compiled`` rows show what waiting for a
+gradkit optimizers run with their defaults (``kernel="auto"``); the ``kernel=compiled`` row shows what waiting for a
 compile costs.
 """
 
@@ -40,7 +40,7 @@ OPTIMIZERS = {
     "gradkit Lion": ("gradkit", "Lion", {"lr": 1e-4}),
     "gradkit AdEMAMix": ("gradkit", "AdEMAMix", {}),
     "gradkit Prodigy": ("gradkit", "Prodigy", {}),
-    "gradkit Lion, kernel=compiled": ("gradkit", "Lion", {"lr": 1e-4, "kernel": "compiled"}),
+    "gradkit Lion (kernel=compiled)": ("gradkit", "Lion", {"lr": 1e-4, "kernel": "compiled"}),
 }
 MODELS = {"5 tensors": 5, "40 tensors": 40}
 
@@ -53,8 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """
     p.add_argument("--repeats", type=int, default=3, help="processes per cell (median reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in each process")
-    p.add_argument("--only", default=None, help="comma-separated substrings of row labels to keep")
+    p.add_argument("--only", default=None, help="comma-separated row labels (exact) or substrings of them to keep")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated models: {', '.join(MODELS)}")
     p.add_argument("--caches", default="cold,warm", help="cold, warm or both")
+    p.add_argument("--steps", type=int, default=STEPS, help="steps of the timed job")
     p.add_argument("--steady-steps", type=int, default=50, help="steps timed for the steady-state column")
 
 
@@ -73,7 +75,7 @@ def _model(n_tensors: int):
         return nn.Sequential(*layers), 256
 
 
-def worker(label: str, n_tensors: int, threads: int, steady_steps: int, import_s: float) -> dict:
+def worker(label: str, n_tensors: int, threads: int, steady_steps: int, import_s: float, steps: int = STEPS) -> dict:
     """One timed job (runs in its own process; see the module docstring).
 
     Args:
@@ -82,6 +84,7 @@ def worker(label: str, n_tensors: int, threads: int, steady_steps: int, import_s
         threads: torch threads.
         steady_steps: Steps timed for the steady-state median.
         import_s: Seconds ``import torch, gradkit`` took in this process.
+        steps: Steps of the timed job. Default 200.
     """
     import torch
     import torch.nn.functional as F
@@ -109,7 +112,7 @@ def worker(label: str, n_tensors: int, threads: int, steady_steps: int, import_s
     opt = getattr(torch.optim if lib == "torch" else gk.optim, name)(model.parameters(), **kw)
     train_step(opt)
     first = time.perf_counter() - t0
-    for _ in range(STEPS - 1):
+    for _ in range(steps - 1):
         train_step(opt)
     total = time.perf_counter() - t0
     wait_for_compiles(timeout=900)
@@ -128,7 +131,8 @@ def _run(label: str, n_tensors: int, args, cache_dir: str) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, OMP_NUM_THREADS=str(args.threads))
     code = ("import time\nt0 = time.perf_counter()\nimport torch, gradkit\nimp = time.perf_counter() - t0\n"
             "import json\nfrom gradkit.bench.first_step import worker\n"
-            f"print('RESULT' + json.dumps(worker({label!r}, {n_tensors}, {args.threads}, {args.steady_steps}, imp)))")
+            f"r = worker({label!r}, {n_tensors}, {args.threads}, {args.steady_steps}, imp, {args.steps})\n"
+            "print('RESULT' + json.dumps(r))")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3600)
     for line in res.stdout.splitlines():
         if line.startswith("RESULT"):
@@ -142,13 +146,17 @@ def run(args: argparse.Namespace) -> int:
     Args:
         args: The parsed command line.
     """
-    labels = [lab for lab in OPTIMIZERS if not args.only or any(s.strip() in lab for s in args.only.split(","))]
+    pieces = [s.strip() for s in (args.only or "").split(",") if s.strip()]
+    exact = [p for p in pieces if p in OPTIMIZERS]
+    labels = [lab for lab in OPTIMIZERS if not pieces or lab in exact
+              or any(p in lab for p in pieces if p not in exact)]
     caches = [c.strip() for c in args.caches.split(",") if c.strip()]
-    if not labels or any(c not in ("cold", "warm") for c in caches):
-        print(f"nothing to run: rows {list(OPTIMIZERS)}, caches cold/warm")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not labels or any(c not in ("cold", "warm") for c in caches) or any(m not in MODELS for m in models):
+        print(f"nothing to run: rows {list(OPTIMIZERS)}, caches cold/warm, models {list(MODELS)}")
         return 2
     out = out_dir(args.out)
-    cells = [(c, m, lab) for c in caches for m in MODELS for lab in labels]
+    cells = [(c, m, lab) for c in caches for m in models for lab in labels]
     results: dict[tuple, list[dict]] = {cell: [] for cell in cells}
     with tempfile.TemporaryDirectory(prefix="gradkit-first-step-") as tmp, \
             progress(len(cells) * args.repeats, "first step") as bar:
@@ -168,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.advance(description=f"{cache} {model} {label}")
     rows, raw = [], {}
     for cache in caches:
-        for model in MODELS:
+        for model in models:
             torch_first = torch_total = None
             for label in labels:
                 runs = [x for x in results[(cache, model, label)] if "error" not in x]
@@ -189,9 +197,10 @@ def run(args: argparse.Namespace) -> int:
                              round(med["steady_ms"], 2),
                              f"{n_comp} ({med['compile_s']:.1f} s{', b' if bg else ''})" if n_comp else "0"))
     table = markdown_table(["cache", "model", "optimizer", "import s", "first step s", "÷ torch default",
-                            f"{STEPS} steps s", "÷ torch default", "steady ms/step", "compiles"], rows)
+                            f"{args.steps} steps s", "÷ torch default", "steady ms/step", "compiles"], rows)
     report = (f"Machine: {machine()}. Command: `gradkit bench first_step --repeats {args.repeats} --threads "
-              f"{args.threads}{' --only ' + args.only if args.only else ''}`. Medians of {args.repeats} fresh "
+              f"{args.threads}{' --only ' + args.only if args.only else ''}"
+              f"{'' if args.steps == STEPS else f' --steps {args.steps}'}`. Medians of {args.repeats} fresh "
               f"processes per row, interleaved.\n\n{table}")
     print(table)
     write(out / "first_step.md", report)

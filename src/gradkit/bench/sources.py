@@ -44,6 +44,14 @@ HELP = "gradient sources: accuracy per forward pass and per second (digits), pea
 
 @dataclass(frozen=True)
 class Method:
+    """One benchmarked gradient source with its optimizer.
+
+    Args:
+        label: Row name.
+        calls: Closure evaluations per step.
+        source: ``source(model) -> gk.sources.Source``.
+        optimizer: ``optimizer(model) -> torch.optim.Optimizer``; None when the source is its own optimizer (ZOSGD).
+    """
     label: str
     calls: int  # closure evaluations per step
     source: Callable[[torch.nn.Module], gk.sources.Source]
@@ -67,6 +75,11 @@ METHODS: list[Method] = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add this benchmark's options to its ``gradkit bench`` sub-command.
+
+    Args:
+        p: The sub-command's parser.
+    """
     p.add_argument("--budget", type=int, default=16000, help="closure evaluations per source on digits")
     p.add_argument("--quick", action="store_true", help="budget 2000, small memory models, few timing repeats")
     p.add_argument("--only", default=None, help="comma-separated substrings of method labels")
@@ -158,6 +171,11 @@ def memory_child(method: str, kind: str, steps: int = 3) -> dict:
     Before the runtime is measured, the method takes two steps on a tiny MLP, so the library code and one-off
     state it needs (e.g. ``torch._dynamo``, imported by every ``torch.optim`` optimizer) are already resident:
     "above the runtime" is then the memory that comes with the model.
+
+    Args:
+        method: One of :data:`MEMORY_METHODS`.
+        kind: Which model shape (activation- or parameter-heavy).
+        steps: Steps measured. Default 3.
     """
     from ..models import mlp
 
@@ -270,6 +288,11 @@ def _step_times(kind: str, repeats: int) -> list[tuple[str, int, float, float]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; print its tables and write them (and plots) under ``args.out``. Returns the exit code.
+
+    Args:
+        args: The parsed command line.
+    """
     budget = 2000 if args.quick else args.budget
     methods = [m for m in METHODS if not args.only or any(s.strip() in m.label for s in args.only.split(","))]
     out = out_dir(args.out)

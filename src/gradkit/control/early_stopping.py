@@ -23,6 +23,11 @@ class EarlyStopping(Controller):
     Feed it either through :meth:`update` (e.g. a validation loss after each evaluation) or as a Pipeline
     controller, where :meth:`after_step` monitors the training loss of every step. ``best``, ``best_step``
     and ``bad_checks`` are public. A NaN value counts as no improvement.
+
+    Args:
+        patience: the number of consecutive checks without improvement after which training stops (≥ 1).
+        min_delta: the least change that counts as an improvement. Default 0.
+        mode: ``'min'`` (lower is better, e.g. a loss) or ``'max'``. Default 'min'.
     """
 
     def __init__(self, patience: int, min_delta: float = 0.0, mode: str = "min"):

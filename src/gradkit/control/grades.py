@@ -51,6 +51,18 @@ class GradES(Controller):
     foreach L1-norm pass).
 
     Statistics: :attr:`frozen_fraction` (by parameter count), :attr:`frozen` (names), :meth:`stats`.
+
+    Args:
+        model: the module whose matrices are tracked.
+        tau: τ, the threshold below which a matrix's statistic counts as converged (> 0).
+        patience: the number of consecutive steps below τ before a matrix is frozen. Default 1.
+        warmup_steps: the grace period: steps during which nothing is frozen. Default 0.
+        targets: ``'matrices'`` (default), ``'all'``, an iterable of parameter names, or a predicate (name, param) ->
+            bool.
+        statistic: ``'l1'`` (‖∇W‖₁, the paper's) or ``'mean_abs'`` (divided by the number of elements). Default 'l1'.
+        smoothing: β of an EMA of the statistic (0: the raw statistic, as the paper). Default 0.
+        optimizer: if given, a frozen matrix's optimizer state is dropped to free memory. Default None.
+        observe: ``'backward'`` (autograd hooks, default) or ``'transform'`` (read .grad as a Pipeline transform).
     """
 
     paper = "GradES: Significantly Faster Training in Transformers with Gradient-Based Early Stopping"

@@ -19,6 +19,7 @@ from .schedulefree import ScheduleFreeAdamW, ScheduleFreeSGD
 
 __all__ = [
     "available",
+    "capabilities",
     "AdaHessian",
     "AdEMAMix",
     "Adam",
@@ -52,3 +53,13 @@ def available() -> dict[str, type[Optimizer]]:
         if isinstance(obj, type) and issubclass(obj, Optimizer) and obj not in (Optimizer, ElementwiseOptimizer):
             out[name] = obj
     return out
+
+
+def capabilities() -> dict[str, dict[str, bool]]:
+    """The capability table of every optimizer: ``{name: {"needs_graph", "supports_complex", "supports_sparse"}}``.
+
+    What each method can do, declared once on its class (see :class:`Optimizer`); the Pipeline checks
+    ``needs_graph`` at construction and the generic tests feed every optimizer according to it.
+    """
+    keys = ("needs_graph", "supports_complex", "supports_sparse")
+    return {name: {k: bool(getattr(cls, k)) for k in keys} for name, cls in available().items()}

@@ -37,12 +37,29 @@ class Optimizer(Copyable, torch.optim.Optimizer):
 
     Copies (``copy.deepcopy``, ``pickle``) keep every attribute and step exactly as the original
     (:class:`gradkit._stateful.Copyable`).
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        defaults: the default hyper-parameters of every param group (checked by ``_check_group``).
+        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
+            the same numbers; see :mod:`gradkit._kernels`).
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
+            "Non-finite values").
     """
 
     #: Title of the paper that introduced the method (shown by ``gradkit list``).
     paper: ClassVar[str] = ""
     #: Set by a Pipeline for the duration of one ``step()`` when it has verified the gradients are finite.
     _grads_checked: bool = False
+
+    # -- capabilities: what the method can do, read by Pipeline and by the generic tests (torch's optim_db in
+    # spirit): tests feed each optimizer what its flags say instead of skipping classes by name.
+    #: ``step()`` differentiates through ``p.grad``: gradients must come from ``backward(create_graph=True)``.
+    needs_graph: ClassVar[bool] = False
+    #: Complex parameters are supported (else ``step()`` raises ``RuntimeError``).
+    supports_complex: ClassVar[bool] = False
+    #: Sparse gradients are supported (else ``step()`` raises ``RuntimeError``).
+    supports_sparse: ClassVar[bool] = False
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, kernel: str = "auto",
                  on_nonfinite: str = "raise"):
@@ -152,9 +169,9 @@ class Optimizer(Copyable, torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
-                if p.grad.is_sparse:
+                if p.grad.is_sparse and not self.supports_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if p.is_complex():
+                if p.is_complex() and not self.supports_complex:
                     raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
             active.append((group, params))
         if not self._grads_ok([p for _, ps in active for p in ps]):
@@ -172,7 +189,16 @@ class Optimizer(Copyable, torch.optim.Optimizer):
 
 
 class ElementwiseOptimizer(Optimizer):
-    """An optimizer whose update is one elementwise rule over (param, grad, *state buffers)."""
+    """An optimizer whose update is one elementwise rule over (param, grad, *state buffers).
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        defaults: the default hyper-parameters of every param group.
+        kernel: ``"auto"`` (default), ``"compiled"``, ``"foreach"`` or ``"loop"``: how the update runs (the three give
+            the same numbers; see :mod:`gradkit._kernels`).
+        on_nonfinite: ``"raise"`` (default), ``"skip"`` or ``"ignore"``: what a NaN/Inf gradient does (README,
+            "Non-finite values").
+    """
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         """Names of the per-parameter state buffers (zeros-initialised, shaped like the parameter)."""

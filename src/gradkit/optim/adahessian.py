@@ -43,7 +43,20 @@ ADAHESSIAN = Elementwise(_adahessian, "adahessian")
 
 
 class AdaHessian(Optimizer):
-    """AdaHessian with seeded Hutchinson probes; needs gradients created with ``create_graph=True``."""
+    """AdaHessian with seeded Hutchinson probes; needs gradients created with ``create_graph=True``.
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        lr: the learning rate η. Default 0.15.
+        betas: (β1, β2): decay rates of the gradient EMA m and of the squared Hessian-diagonal EMA v. Default (0.9,
+            0.999).
+        eps: ε in the denominator. Default 1e-4.
+        weight_decay: λ: lr·λ·p is added to the step, as torch-optimizer does. Default 0.
+        hessian_power: k, the power of the Hessian-diagonal denominator (√v)^k, in [0, 1]. Default 0.5.
+        seed: seed of the Rademacher probes z of the Hutchinson estimate (saved in ``state_dict``). Default 0.
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
+    """
 
     paper = "ADAHESSIAN: An Adaptive Second Order Optimizer for Machine Learning"
     #: The step differentiates through ``p.grad``: gradients must come from ``backward(create_graph=True)``.

@@ -40,7 +40,18 @@ ADAM = Elementwise(_adam, "adam")
 
 
 class AdamW(ElementwiseOptimizer):
-    """Adam with decoupled weight decay (and ``amsgrad=True`` for AMSGrad)."""
+    """Adam with decoupled weight decay (and ``amsgrad=True`` for AMSGrad).
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        lr: the learning rate lr (α in the paper). Default 1e-3.
+        betas: (β1, β2), decay rates of the first and second moment estimates m and v. Default (0.9, 0.999).
+        eps: ε, added to √v̂ in the denominator for numerical stability. Default 1e-8.
+        weight_decay: λ, decoupled weight decay: p ← p·(1 − lr·λ) each step. Default 1e-2.
+        amsgrad: use AMSGrad's running maximum v̂ = max(v̂, v) in place of v. Default False.
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
+    """
 
     paper = "Adam: A Method for Stochastic Optimization; Decoupled Weight Decay Regularization"
     _coupled = False
@@ -91,7 +102,12 @@ class AdamW(ElementwiseOptimizer):
 
 
 class Adam(AdamW):
-    """Adam with L2 regularisation folded into the gradient (``torch.optim.Adam`` semantics)."""
+    """Adam with L2 regularisation folded into the gradient (``torch.optim.Adam`` semantics).
+
+    Args:
+        weight_decay: λ, L2 regularisation: λ·p is added to the gradient (and so enters the moments). Default 0.
+        params, lr, betas, eps, amsgrad, kernel, on_nonfinite: as for :class:`AdamW`.
+    """
 
     paper = "Adam: A Method for Stochastic Optimization"
     _coupled = True

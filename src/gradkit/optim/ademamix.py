@@ -39,7 +39,21 @@ ADEMAMIX = Elementwise(_ademamix, "ademamix")
 
 
 class AdEMAMix(ElementwiseOptimizer):
-    """AdEMAMix with the α/β3 warm-up of the paper (``t_alpha_beta3``)."""
+    """AdEMAMix with the α/β3 warm-up of the paper (``t_alpha_beta3``).
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        lr: the learning rate η. Default 1e-3.
+        betas: (β1, β2, β3): decay rates of the fast EMA m1, of v and of the slow EMA m2. Default (0.9, 0.999, 0.9999).
+        weight_decay: λ (see ``weight_decouple``). Default 0.
+        weight_decouple: True decays the weights by lr·λ (decoupled); False adds λ·p to the gradient. Default False.
+        fixed_decay: with ``weight_decouple``, decay by λ instead of lr·λ. Default False.
+        alpha: α, the weight of the slow EMA m2 in the update. Default 5.0.
+        t_alpha_beta3: T_{α,β3}, the number of steps over which α and β3 warm up (None: no warm-up). Default None.
+        eps: ε in the denominator. Default 1e-8.
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
+    """
 
     paper = "The AdEMAMix Optimizer: Better, Faster, Older"
 

@@ -78,7 +78,7 @@ def _check_d(group: dict[str, Any]) -> None:
     check_nonneg("lr", group["lr"])
     check_nonneg("weight_decay", group["weight_decay"])
     check_positive("d0", group["d0"])
-    check_range("growth_rate", group["growth_rate"], 1.0)
+    check_range("growth_rate", group["growth_rate"], 1.0, allow_inf=True)
 
 
 def _init(state: dict[str, Any], p: torch.Tensor, zeros: tuple[str, ...], copies: tuple[str, ...] = ()) -> bool:
@@ -94,7 +94,18 @@ def _init(state: dict[str, Any], p: torch.Tensor, zeros: tuple[str, ...], copies
 
 
 class DAdaptSGD(Optimizer):
-    """SGD with D-Adaptation (dual averaging with momentum). Leave ``lr`` at 1."""
+    """SGD with D-Adaptation (dual averaging with momentum). Leave ``lr`` at 1.
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        lr: λ, a multiplier of the adapted step size d (keep 1). Default 1.0.
+        momentum: μ, so that the averaging weight is c = 1 − μ. Default 0.
+        weight_decay: λ_wd, added to the gradient. Default 0.
+        d0: d_0, the initial lower bound on the distance to the solution. Default 1e-6.
+        growth_rate: the largest factor by which d may grow in one step (inf: unbounded). Default inf.
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
+    """
 
     paper = "Learning-Rate-Free Learning by D-Adaptation"
 
@@ -148,7 +159,22 @@ class DAdaptSGD(Optimizer):
 
 
 class DAdaptAdam(Optimizer):
-    """Adam with D-Adaptation. Leave ``lr`` at 1; ``layer_scale`` (per group) scales a group's step."""
+    """Adam with D-Adaptation. Leave ``lr`` at 1; ``layer_scale`` (per group) scales a group's step.
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        lr: λ, a multiplier of the adapted step size d (keep 1). Default 1.0.
+        betas: (β1, β2), Adam's moment decay rates. Default (0.9, 0.999).
+        eps: ε in the denominator. Default 1e-8.
+        weight_decay: λ_wd (added to the gradient, or decoupled with ``decouple``). Default 0.
+        decouple: decoupled weight decay x ← x − λ_wd·d·λ·x instead of adding it to the gradient. Default False.
+        use_bias_correction: apply Adam's bias correction to the step. Default False.
+        d0: d_0, the initial lower bound on the distance to the solution. Default 1e-6.
+        growth_rate: the largest factor by which d may grow in one step (inf: unbounded). Default inf.
+        layer_scale: a per-group multiplier of the step. Default 1.0.
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
+    """
 
     paper = "Learning-Rate-Free Learning by D-Adaptation"
 

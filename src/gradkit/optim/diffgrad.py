@@ -41,7 +41,20 @@ DIFFGRAD = Elementwise(_diffgrad, "diffgrad")
 
 
 class DiffGrad(ElementwiseOptimizer):
-    """diffGrad: Adam scaled elementwise by the sigmoid of the gradient's change."""
+    """diffGrad: Adam scaled elementwise by the sigmoid of the gradient's change.
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        lr: the learning rate α. Default 1e-3.
+        betas: (β1, β2): decay rates of Adam's m and v. Default (0.9, 0.999).
+        weight_decay: λ (see ``weight_decouple``). Default 0.
+        weight_decouple: True decays the weights by lr·λ (decoupled, the default); False adds λ·p to the gradient.
+        fixed_decay: with ``weight_decouple``, decay by λ instead of lr·λ. Default False.
+        ams_bound: use AMSGrad's running maximum of v. Default False.
+        eps: ε in the denominator. Default 1e-8.
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
+    """
 
     paper = "diffGrad: An Optimization Method for Convolutional Neural Networks"
 

@@ -47,7 +47,18 @@ DOG_UPDATE = Elementwise(_dog_update, "dog_update")
 
 
 class DoG(Optimizer):
-    """DoG: SGD whose step is the largest distance travelled over the root of the summed squared gradients."""
+    """DoG: SGD whose step is the largest distance travelled over the root of the summed squared gradients.
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        reps_rel: r_ε relative to the initial point: r_ε = reps_rel·(1 + ‖x_0‖), the first 'distance'. Default 1e-6.
+        lr: c, a multiplier of the DoG step size (keep 1). Default 1.0.
+        weight_decay: λ, adds λ·x to the gradient before the norms are taken. Default 0.
+        eps: ε under the square root of the summed squared gradient norms. Default 1e-8.
+        init_eta: the first step size η_0, overriding r_ε (None: use reps_rel). Default None.
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
+    """
 
     paper = "DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size Schedule"
 
@@ -108,7 +119,12 @@ class DoG(Optimizer):
 
 
 class LDoG(DoG):
-    """Layer-wise DoG: the DoG step size computed for each parameter tensor on its own."""
+    """Layer-wise DoG: the DoG step size computed for each parameter tensor on its own.
+
+    Args:
+        params, reps_rel, lr, weight_decay, eps, init_eta, kernel, on_nonfinite: as for :class:`DoG`, with the
+            distances and gradient norms taken per tensor.
+    """
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         states, dist_sq, grad_sq = self._stats(group, params)
@@ -140,6 +156,10 @@ class PolynomialDecayAverager:
 
     Call :meth:`step` after each optimizer step; evaluate :attr:`averaged_model`. Integer buffers (e.g. batch-norm
     counters) are copied, not averaged. ``state_dict()`` holds ``t`` and the averaged weights.
+
+    Args:
+        model: the module whose weights are averaged (a deep copy holds the average).
+        gamma: γ in the averaging weight w_t = (1 + γ)/(t + γ); 0 is the uniform average. Default 8.0.
     """
 
     paper = "Stochastic Gradient Descent for Non-smooth Optimization: Convergence Results and Optimal Averaging Schemes"

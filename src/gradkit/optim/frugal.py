@@ -56,7 +56,23 @@ def _from_matrix(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class FRUGAL(Optimizer):
-    """FRUGAL: stateful AdamW on a refreshed subspace of each matrix, signSGD on the complement."""
+    """FRUGAL: stateful AdamW on a refreshed subspace of each matrix, signSGD on the complement.
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        lr: the learning rate of the Adam subspace step. Default 1e-3.
+        betas: (β1, β2), Adam's moment decay rates in the subspace. Default (0.9, 0.999).
+        eps: ε in Adam's denominator. Default 1e-8.
+        weight_decay: λ, decoupled: p ← p·(1 − lr·λ). Default 0.
+        density: the fraction ρ of each matrix's shorter side kept in the stateful subspace (rank r = ⌈ρ·min(rows,
+            cols)⌉), or of the group's matrices with ``proj='block'``. Default 0.25.
+        proj: how the subspace is chosen: ``'svd'``, ``'random'`` or ``'block'``. Default 'svd'.
+        update_gap: T, the number of steps between subspace refreshes (the state is reset then). Default 200.
+        free_lr: the learning rate of the state-free signSGD step on the complement (None: ``lr``). Default None.
+        seed: seed of the random projections and block choices. Default 0.
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
+    """
 
     paper = "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable Training"
 

@@ -35,7 +35,17 @@ GRAVITY = Elementwise(_gravity, "gravity")
 
 
 class Gravity(Optimizer):
-    """Gravity: velocity averaged from gradients damped by their size relative to the tensor's max."""
+    """Gravity: velocity averaged from gradients damped by their size relative to the tensor's max.
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        lr: the learning rate l (must be > 0: the initial velocity's scale is α/l). Default 1e-2.
+        alpha: α, the standard deviation scale of the initial velocity v ~ N(0, (α/l)²), in [0, 1]. Default 0.01.
+        beta: β, the base of the velocity's averaging weight β_t = (β·t + 1)/(t + 2), in [0, 1]. Default 0.9.
+        seed: seed of the initial-velocity draws (None: torch's global generator, as the reference). Default 0.
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
+    """
 
     paper = "Gravity Optimizer: a Kinematic Approach on Optimization in Deep Learning"
 

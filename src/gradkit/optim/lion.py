@@ -31,7 +31,17 @@ LION = Elementwise(_lion, "lion")
 
 
 class Lion(ElementwiseOptimizer):
-    """Lion: the sign of an interpolated momentum, with decoupled weight decay."""
+    """Lion: the sign of an interpolated momentum, with decoupled weight decay.
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        lr: the learning rate η (3-10x smaller than AdamW's). Default 1e-4.
+        betas: (β1, β2): β1 interpolates momentum and gradient inside the sign, β2 is the momentum's decay. Default
+            (0.9, 0.99).
+        weight_decay: λ, decoupled: p ← p·(1 − lr·λ). Default 0.
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
+    """
 
     paper = "Symbolic Discovery of Optimization Algorithms"
 

@@ -67,7 +67,24 @@ ADAMW_1D = Elementwise(_adamw_1d, "mars_adamw_1d")
 
 
 class MARS(Optimizer):
-    """MARS (approximate form) with AdamW or Lion preconditioning; 1-D tensors get AdamW by default."""
+    """MARS (approximate form) with AdamW or Lion preconditioning; 1-D tensors get AdamW by default.
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        lr: the learning rate η of the MARS step. Default 3e-3.
+        betas: (β1, β2), moment decay rates (β1 also scales the variance-reduction term). Default (0.95, 0.99).
+        gamma: γ, the weight of the gradient-correction term g_t − g_{t−1}. Default 0.025.
+        mars_type: the preconditioning, ``'adamw'`` or ``'lion'``. Default 'adamw'.
+        optimize_1d: also send 1-D tensors through MARS (else plain AdamW with the ``*_1d`` settings). Default False.
+        lr_1d: the AdamW learning rate of 1-D tensors (follows ``lr``'s schedule). Default 3e-3.
+        betas_1d: AdamW's (β1, β2) for 1-D tensors. Default (0.9, 0.95).
+        weight_decay: λ, decoupled, for tensors MARS handles. Default 0.
+        weight_decay_1d: λ for 1-D tensors under AdamW. Default 0.1.
+        fixed_decay: decay by λ instead of lr·λ. Default False.
+        eps: ε in the denominator. Default 1e-8.
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
+    """
 
     paper = "MARS: Unleashing the Power of Variance Reduction for Training Large Models"
 

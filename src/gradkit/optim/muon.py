@@ -65,7 +65,28 @@ def _shape_scale(shape: torch.Size, adjust_lr: str) -> float:
 
 
 class Muon(Optimizer):
-    """Muon for matrices (and reshaped conv kernels), AdamW for the other tensors, in one optimizer."""
+    """Muon for matrices (and reshaped conv kernels), AdamW for the other tensors, in one optimizer.
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        lr: the learning rate η of the orthogonalised step. Default 0.02.
+        momentum: μ, the momentum of B. Default 0.95.
+        nesterov: use the Nesterov form U = G + μ·(B − G) instead of B. Default True.
+        weight_decay: λ, decoupled, for Muon tensors: W ← W·(1 − lr·λ). Default 0.
+        ns_steps: the number of Newton-Schulz iterations. Default 5.
+        ns_coefficients: (a, b, c) of the quintic Newton-Schulz iteration. Default the authors' (3.4445, -4.7750,
+            2.0315).
+        adjust_lr: the shape scaling s, ``'original'`` (√max(1, rows/cols)) or ``'match_rms_adamw'`` (0.2·√max(rows,
+            cols)). Default 'original'.
+        adamw_lr: the AdamW learning rate of non-Muon tensors (follows an LR scheduler). Default 3e-4.
+        adamw_betas: AdamW's (β1, β2) for non-Muon tensors. Default (0.9, 0.95).
+        adamw_eps: AdamW's ε. Default 1e-8.
+        adamw_weight_decay: AdamW's decoupled λ. Default 0.
+        use_muon: which tensors get Muon: None (tensors with ≥ 2 dimensions), True or False for the whole group. Default
+            None.
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
+    """
 
     paper = "Muon: An optimizer for hidden layers in neural networks"
 

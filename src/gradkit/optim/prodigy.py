@@ -59,7 +59,24 @@ PRODIGY_UPDATE = Elementwise(_prodigy_update, "prodigy_update")
 
 
 class Prodigy(Optimizer):
-    """Prodigy (Adam with a D-Adaptation-style estimate of the step size). Leave ``lr`` at 1."""
+    """Prodigy (Adam with a D-Adaptation-style estimate of the step size). Leave ``lr`` at 1.
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        lr: λ, a multiplier of the estimated step size d (keep 1). Default 1.0.
+        betas: (β1, β2), Adam's moment decay rates. Default (0.9, 0.999).
+        beta3: β3, the decay of the statistics s and r (None: √β2). Default None.
+        eps: ε in the denominator (scaled by d). Default 1e-8.
+        weight_decay: λ_wd (decoupled unless ``decouple=False``). Default 0.
+        decouple: decoupled weight decay x ← x − λ_wd·d·λ·x; False adds it to the gradient. Default True.
+        use_bias_correction: apply Adam's bias correction to d·λ. Default False.
+        safeguard_warmup: leave λ out of s (for warm-up schedules). Default False.
+        d0: d_0, the starting value of the estimate d (a lower bound on the distance to the solution). Default 1e-6.
+        d_coef: a multiplier of the estimate d. Default 1.0.
+        growth_rate: the cap on d's growth per step, d_{k+1} ≤ growth_rate·d_k (inf: no cap). Default inf.
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
+    """
 
     paper = "Prodigy: An Expeditiously Adaptive Parameter-Free Learner"
 
@@ -82,7 +99,7 @@ class Prodigy(Optimizer):
         check_nonneg("weight_decay", group["weight_decay"])
         check_positive("d0", group["d0"])
         check_positive("d_coef", group["d_coef"])
-        check_range("growth_rate", group["growth_rate"], 1.0)
+        check_range("growth_rate", group["growth_rate"], 1.0, allow_inf=True)
 
     def _step(self, active):
         lr, active = live_groups(self.param_groups, active)

@@ -142,7 +142,15 @@ class _ScheduleFree(Optimizer):
 
 
 class ScheduleFreeSGD(_ScheduleFree):
-    """Schedule-Free SGD (with momentum β = ``momentum`` in the interpolation). Call ``eval()`` to evaluate."""
+    """Schedule-Free SGD (with momentum β = ``momentum`` in the interpolation). Call ``eval()`` to evaluate.
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        lr: the learning rate γ. Default 1.0.
+        momentum: β, the interpolation y = (1 − β)·z + β·x (must be > 0). Default 0.9.
+        weight_decay: λ, added to the gradient at y. Default 0.
+        warmup_steps, r, weight_lr_power, kernel, on_nonfinite: as for :class:`ScheduleFreeAdamW`.
+    """
 
     paper = "The Road Less Scheduled"
 
@@ -171,7 +179,20 @@ class ScheduleFreeSGD(_ScheduleFree):
 
 
 class ScheduleFreeAdamW(_ScheduleFree):
-    """Schedule-Free AdamW: the schedule-free step on Adam-normalised gradients. Call ``eval()`` to evaluate."""
+    """Schedule-Free AdamW: the schedule-free step on Adam-normalised gradients. Call ``eval()`` to evaluate.
+
+    Args:
+        params: the parameters to optimise: tensors, or param-group dicts whose keys override the defaults below.
+        lr: the learning rate γ. Default 0.0025.
+        betas: (β, β2): β interpolates y = (1 − β)·z + β·x, β2 is the decay of Adam's v. Default (0.9, 0.999).
+        eps: ε in Adam's denominator. Default 1e-8.
+        weight_decay: λ, evaluated at y. Default 0.
+        warmup_steps: the number of steps over which γ warms up linearly. Default 0.
+        r: the power of t in the averaging weight w_t = t^r·γ_max^p. Default 0.
+        weight_lr_power: p, the power of the largest learning rate γ_max in w_t. Default 2.0.
+        kernel, on_nonfinite: how the update runs and what a NaN/Inf gradient does, as for
+            :class:`~gradkit.optim.Optimizer` (defaults ``"auto"`` and ``"raise"``).
+    """
 
     paper = "The Road Less Scheduled"
     _buffers = ("exp_avg_sq",)

@@ -19,7 +19,11 @@ Closure = Callable[[], torch.Tensor]
 
 
 def trainable_params(model_or_params: torch.nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """The parameters a source estimates: those with ``requires_grad``, de-duplicated, in order."""
+    """The parameters a source estimates: those with ``requires_grad``, de-duplicated, in order.
+
+    Args:
+        model_or_params: a module, one tensor, or an iterable of tensors.
+    """
     if isinstance(model_or_params, torch.nn.Module):
         params = list(model_or_params.parameters())
     elif isinstance(model_or_params, torch.Tensor):
@@ -40,7 +44,12 @@ def trainable_params(model_or_params: torch.nn.Module | Iterable[torch.Tensor]) 
 def check_loss(loss: Any, *, needs_grad: bool = False, where: str = "closure", finite: bool = True) -> torch.Tensor:
     """Validate what a closure returned: a real scalar tensor, with a graph when one is needed, and finite.
 
-    ``finite=False`` skips the finiteness test (the caller applies its ``on_nonfinite`` policy itself).
+    Args:
+        loss: what the closure returned.
+        needs_grad: the loss must carry a graph (backprop will differentiate it). Default False.
+        where: how the message names the closure. Default ``"closure"``.
+        finite: test finiteness (``NonFiniteError``); False when the caller applies its own ``on_nonfinite``
+            policy. Default True.
     """
     if not isinstance(loss, torch.Tensor):
         raise ValueError(f"the {where} must return a scalar tensor, got {type(loss).__name__}")

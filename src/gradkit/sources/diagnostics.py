@@ -22,6 +22,15 @@ class Comparison:
     (what one optimizer step sees); ``relative_error``: ``‖mean ĝ − g‖ / ‖g‖``; ``relative_error_single``: the
     root-mean-square of ``‖ĝ_i − g‖ / ‖g‖``; ``variance``: the trace of the estimates' covariance,
     ``Σ_i ‖ĝ_i − mean‖² / (n − 1)``; ``grad_norm``: ``‖g‖``.
+
+    Args:
+        cosine: the cosine between the mean estimate and the backprop gradient.
+        mean_cosine: the mean cosine of single estimates.
+        relative_error: ‖mean ĝ − g‖ / ‖g‖.
+        relative_error_single: the root-mean-square of ‖ĝ_i − g‖ / ‖g‖.
+        variance: the trace of the estimates' covariance.
+        grad_norm: ‖g‖.
+        n: the number of estimates.
     """
 
     cosine: float
@@ -51,6 +60,11 @@ def compare(source: Source, closure: Closure, n: int = 32) -> Comparison:
 
     The closure must be differentiable by backprop (the reference). Parameters, their ``.grad`` and the
     source's state (random stream, step counter) are as before the call, so it can run mid-training.
+
+    Args:
+        source: the source to assess.
+        closure: the loss closure (differentiable by backprop).
+        n: the number of estimates drawn (≥ 2). Default 32.
     """
     n = check_int("n", n, 2)
     if isinstance(source, torch.optim.Optimizer):

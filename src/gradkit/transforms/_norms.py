@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from .._kernels import group_by_device_dtype, sq_norms
 
-__all__ = ["global_norm", "has_graph", "replace_grads", "scale_", "scale_grads"]
+__all__ = ["global_norm", "has_graph", "measure", "replace_grads", "scale_", "scale_grads"]
 
 # torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); the clipping transforms use the same guard so that
 # ClipNorm matches it exactly and a zero gradient never divides by zero.
@@ -61,11 +61,24 @@ def replace_grads(params: Sequence[torch.Tensor], new_grads: Sequence[torch.Tens
         p.grad = g
 
 
-def scale_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], coef: torch.Tensor | float,
-                graph: bool) -> None:
+def scale_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], coef: torch.Tensor | float) -> None:
     """``g *= coef`` in place, or, for graph-carrying gradients, ``p.grad = g * coef`` out of place."""
-    if not graph:
+    if not has_graph(grads):
         scale_(grads, coef)
         return
     with torch.enable_grad():
         replace_grads(params, [g * (coef.to(g.device) if isinstance(coef, torch.Tensor) else coef) for g in grads])
+
+
+def measure(params: Iterable[torch.Tensor], norm_type: float = 2.0
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None:
+    """(parameters with a gradient, their gradients, the global norm as a 0-d tensor), or None without gradients.
+
+    The norm is taken without recording a graph, so it is a constant even for graph-carrying gradients.
+    """
+    ps = [p for p in params if p.grad is not None]
+    if not ps:
+        return None
+    grads = [p.grad for p in ps]
+    with torch.no_grad():
+        return ps, grads, global_norm(grads, norm_type)

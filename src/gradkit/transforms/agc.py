@@ -38,6 +38,10 @@ class AGC(Transform):
     reduces over dim 1 only. The paper does not clip the final classifier layer: pass only the parameters to
     clip. Unit norms are per-row reductions, one kernel per tensor (a foreach norm cannot reduce along a dim).
     Returns ``{"clipped_units": count, "units": total}`` (0-d tensor, int).
+
+    Args:
+        clip: λ, the largest ratio of a unit's gradient norm to its weight norm. Default 0.01.
+        eps: ε, the floor of a unit's weight norm (so zero-initialised units can move). Default 1e-3.
     """
 
     paper = "High-Performance Large-Scale Image Recognition Without Normalization"

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from .._validate import check_int, check_range
-from ._norms import NORM_EPS, global_norm, has_graph, scale_grads
-from .base import Transform, grads_of
+from ._norms import NORM_EPS, measure, scale_grads
+from .base import Transform
 
 __all__ = ["AutoClip"]
 
@@ -38,6 +38,10 @@ class AutoClip(Transform):
     The current norm is part of the history before the percentile is taken, so the first step is never clipped.
     One host synchronisation per step (the norm joins a Python history).
     Returns ``{"grad_norm", "clip_value", "clipped"}`` as Python numbers.
+
+    Args:
+        percentile: p, the percentile (in (0, 100]) of the observed norms used as the clipping threshold. Default 10.
+        history: keep only the last N norms (None: all of them, as in the paper). Default None.
     """
 
     paper = "AutoClip: Adaptive Gradient Clipping for Source Separation Networks"
@@ -49,16 +53,14 @@ class AutoClip(Transform):
         self._norms: deque[float] = deque(maxlen=self.history)
 
     def __call__(self, params: Iterable[torch.Tensor]) -> dict[str, Any]:
-        ps, grads = grads_of(params)
-        if not grads:
+        if (measured := measure(params)) is None:
             return {}
-        with torch.no_grad():
-            norm = float(global_norm(grads))
+        ps, grads, norm = measured[0], measured[1], float(measured[2])  # the decision is taken on the host
         self._norms.append(norm)
         clip = percentile(list(self._norms), self.percentile)
         clipped = norm > clip
         if clipped:
-            scale_grads(ps, grads, clip / (norm + NORM_EPS), has_graph(grads))
+            scale_grads(ps, grads, clip / (norm + NORM_EPS))
         return {"grad_norm": norm, "clip_value": clip, "clipped": clipped}
 
     def state_dict(self) -> dict[str, Any]:

@@ -14,7 +14,11 @@ __all__ = ["Transform", "grads_of"]
 
 
 def grads_of(params: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(parameters that have a gradient, their gradients)."""
+    """(parameters that have a gradient, their gradients).
+
+    Args:
+        params: the parameters.
+    """
     ps = [p for p in params if p.grad is not None]
     return ps, [p.grad for p in ps]
 

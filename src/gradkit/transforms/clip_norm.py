@@ -14,7 +14,7 @@ import torch
 
 from .._kernels import group_by_device_dtype
 from .._validate import check_positive, check_range
-from ._norms import NORM_EPS, global_norm, has_graph, replace_grads, scale_grads
+from ._norms import NORM_EPS, global_norm, has_graph, measure, replace_grads, scale_grads
 from .base import Transform, grads_of
 
 __all__ = ["ClipNorm", "ClipValue"]
@@ -25,6 +25,10 @@ class ClipNorm(Transform):
 
     Numerically the same as ``torch.nn.utils.clip_grad_norm_`` (same ``1e-6`` guard, no host synchronisation).
     Returns ``{"grad_norm": norm before clipping, "clip_coef": applied factor ≤ 1}`` as 0-d tensors.
+
+    Args:
+        max_norm: c, the largest global norm the gradients may have after clipping (> 0).
+        norm_type: the order of the norm (≥ 1, or inf). Default 2.0.
     """
 
     paper = "On the difficulty of training Recurrent Neural Networks"
@@ -38,14 +42,12 @@ class ClipNorm(Transform):
         self.norm_type = nt
 
     def __call__(self, params: Iterable[torch.Tensor]) -> dict[str, Any]:
-        ps, grads = grads_of(params)
-        if not grads:
+        measured = measure(params, self.norm_type)
+        if measured is None:
             return {}
-        graph = has_graph(grads)
-        with torch.no_grad():
-            norm = global_norm(grads, self.norm_type)
-            coef = (self.max_norm / (norm + NORM_EPS)).clamp(max=1.0)
-        scale_grads(ps, grads, coef, graph)
+        ps, grads, norm = measured
+        coef = (self.max_norm / (norm + NORM_EPS)).clamp(max=1.0)
+        scale_grads(ps, grads, coef)
         return {"grad_norm": norm, "clip_coef": coef}
 
     def __repr__(self) -> str:
@@ -56,6 +58,9 @@ class ClipValue(Transform):
     """Clamp every gradient element to ``[-clip_value, clip_value]`` (as ``torch.nn.utils.clip_grad_value_``).
 
     Returns ``{"max_abs": largest |g| before clamping}`` (0-d tensor, from one fused inf-norm pass).
+
+    Args:
+        clip_value: c, every element is clamped to [−c, c] (> 0).
     """
 
     paper = "On the difficulty of training Recurrent Neural Networks"

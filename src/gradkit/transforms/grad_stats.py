@@ -31,6 +31,10 @@ class GradStats(Transform):
     gradient inflates the noise term, so read it as an upper estimate when the learning rate is large.
     All norms and dot products come from foreach norms: ‖g‖², ‖g_prev‖², ‖g − g_prev‖² (one pass each).
     Keeps one copy of the previous gradient. Values are 0-d tensors (no host synchronisation).
+
+    Args:
+        batch_size: B, the mini-batch size, to express the noise scale in examples (None: in batches). Default None.
+        beta: the EMA decay of the signal and noise estimates. Default 0.9.
     """
 
     paper = "An Empirical Model of Large-Batch Training"

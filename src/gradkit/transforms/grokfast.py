@@ -30,6 +30,12 @@ class Grokfast(Transform):
     call it with the same parameter list every step (as :class:`gradkit.Pipeline` does). A parameter without a
     gradient in a step (frozen) is skipped and its buffer left as it was. All updates are foreach calls.
     Returns ``{"filtered_norm": ‖λ·filter‖ over all tensors}`` (0-d tensor), absent while the MA window fills.
+
+    Args:
+        alpha: α, the EMA momentum of the filter (kind ``'ema'``). Default 0.98.
+        lamb: λ, the amplification of the slow component added back to the gradient. Default 2.0.
+        kind: ``'ema'`` (Grokfast-EMA) or ``'ma'`` (Grokfast-MA, a moving average over ``window`` steps). Default 'ema'.
+        window: w, the window of the moving average (kind ``'ma'``). Default 100.
     """
 
     paper = "Grokfast: Accelerated Grokking by Amplifying Slow Gradients"

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from .._validate import check_beta, check_choice, check_int, check_positive
-from ._norms import NORM_EPS, global_norm, has_graph, scale_grads
-from .base import Transform, grads_of
+from ._norms import NORM_EPS, measure, scale_grads
+from .base import Transform
 
 __all__ = ["ZClip"]
 
@@ -28,6 +28,18 @@ class ZClip(Transform):
     ``skip_update_on_spike=True`` leaves μ and σ² unchanged on a detected spike. ``clip_factor`` multiplies the
     adaptive-scaling threshold. One host synchronisation per step (the decision is made on the host).
     Returns ``{"grad_norm", "threshold", "clipped", "z"}`` as Python numbers (``z`` is NaN during warm-up).
+
+    Args:
+        alpha: α, the EMA decay of the norm's mean μ and variance σ². Default 0.97.
+        z_thresh: z_thresh, the z-score above which a norm counts as a spike. Default 2.5.
+        max_grad_norm: a plain norm clip applied always, also during warm-up (None: none). Default 1.0.
+        eps: ε in z = (‖g‖ − μ)/(σ + ε). Default 1e-6.
+        warmup_steps: the number of norms collected to initialise μ and σ² before clipping adaptively. Default 25.
+        mode: ``'zscore'`` (clip spikes by their z-score) or ``'percentile'`` (always clip to μ + z_thresh·σ). Default
+            'zscore'.
+        clip_option: where a spike is clipped to: ``'adaptive_scaling'`` or ``'mean'`` (μ). Default 'adaptive_scaling'.
+        clip_factor: a multiplier of the adaptive-scaling threshold. Default 1.0.
+        skip_update_on_spike: leave μ and σ² unchanged on a spike. Default False.
     """
 
     paper = "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"
@@ -67,12 +79,9 @@ class ZClip(Transform):
         return (self.mean + self.z_thresh * std / (z / self.z_thresh)) * self.clip_factor, z
 
     def __call__(self, params: Iterable[torch.Tensor]) -> dict[str, Any]:
-        ps, grads = grads_of(params)
-        if not grads:
+        if (measured := measure(params)) is None:
             return {}
-        graph = has_graph(grads)
-        with torch.no_grad():
-            norm = float(global_norm(grads))
+        ps, grads, norm = measured[0], measured[1], float(measured[2])  # the decision is taken on the host
         if not self.initialized:
             self._buffer.append(norm)
             if len(self._buffer) >= self.warmup_steps:
@@ -82,7 +91,7 @@ class ZClip(Transform):
                 self._buffer = []
             clipped = self.max_grad_norm is not None and norm > self.max_grad_norm
             if self.max_grad_norm is not None:
-                scale_grads(ps, grads, min(1.0, self.max_grad_norm / (norm + NORM_EPS)), graph)
+                scale_grads(ps, grads, min(1.0, self.max_grad_norm / (norm + NORM_EPS)))
             return {"grad_norm": norm, "threshold": self.max_grad_norm or float("inf"), "clipped": clipped,
                     "z": float("nan")}
         spike, z = self._adaptive_threshold(norm)
@@ -91,7 +100,7 @@ class ZClip(Transform):
             threshold = min(threshold, self.max_grad_norm)
         clipped = norm > threshold
         if clipped:
-            scale_grads(ps, grads, threshold / (norm + NORM_EPS), graph)
+            scale_grads(ps, grads, threshold / (norm + NORM_EPS))
         if spike is None or not self.skip_update_on_spike:
             # The statistics absorb the clipped norm, so one spike cannot inflate the threshold for later steps.
             x = spike if spike is not None else norm
