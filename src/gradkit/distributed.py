@@ -33,7 +33,10 @@ __all__ = ["Comm", "DistributedError", "is_distributed", "resolve_comm"]
 
 
 class DistributedError(RuntimeError):
-    """A rank failed (or stopped answering) during a gradkit collective; raised on every rank."""
+    """A rank failed (or stopped answering) during a gradkit collective; raised on every rank.
+
+    Its message names the failing rank(s) and their error.
+    """
 
 
 def is_distributed() -> bool:
@@ -57,8 +60,11 @@ def resolve_comm(comm: Comm | str | None, seed: int | None = None) -> Comm | Non
 class Comm:
     """gradkit's collectives over a process group, with a byte counter and failure propagation.
 
-    Construct it on every rank (it creates a gloo group with ``timeout`` — a collective call). ``group=None``
-    uses all ranks of the default group.
+    Construct it on every rank (it creates a gloo group with ``timeout`` — a collective call).
+
+    Args:
+        timeout: seconds after which a collective that a peer does not join raises on every rank (default 60).
+        ranks: the ranks of the group (default None: every rank of the default group).
     """
 
     def __init__(self, timeout: float = 60.0, ranks: list[int] | None = None):

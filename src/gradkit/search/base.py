@@ -26,6 +26,8 @@ __all__ = ["NONFINITE_FITNESS", "Searcher"]
 NONFINITE_FITNESS = NONFINITE_POLICIES
 
 TensorLike = torch.Tensor | Sequence[float] | float
+Bounds = tuple[TensorLike, TensorLike] | None
+Device = torch.device | str | None
 
 
 def default_popsize(d: int) -> int:
@@ -37,17 +39,18 @@ class Searcher:
     """Base class of the ask/tell searchers (minimisation).
 
     Args:
-        x0: initial mean, a 1-D tensor (or sequence) of length ``d``.
-        sigma0: initial step size (> 0): a scalar, or for the diagonal searchers one value per coordinate.
-        popsize: candidates per ``ask()``; ``None`` picks the method's default.
-        bounds: optional box ``(lower, upper)``, scalars or length-``d`` tensors. Candidates are sampled in the
-            unbounded space and clipped into the box by ``ask()``; ``tell`` updates from the clipped
-            (evaluated) points and projects the mean back into the box.
-        seed: seed of the searcher's private ``torch.Generator``; ``None`` draws one from torch's global RNG.
+        x0: initial mean m₀, a 1-D tensor (or sequence) of length ``d``.
+        sigma0: initial step size σ₀ (> 0): a scalar, or for the diagonal searchers one value per coordinate.
+        popsize: λ, candidates per ``ask()`` (default None: the method's default).
+        bounds: optional box ``(lower, upper)``, scalars or length-``d`` tensors (default None). Candidates are
+            sampled in the unbounded space and clipped into the box by ``ask()``; ``tell`` updates from the
+            clipped (evaluated) points and projects the mean back into the box.
+        seed: seed of the searcher's private ``torch.Generator`` (default None: drawn from torch's global RNG).
         on_nonfinite: what ``tell`` does with NaN/Inf fitness: ``"raise"`` (default: ``gk.NonFiniteError``,
             nothing updated), ``"skip"`` (drop the generation, counted in ``n_skipped``), ``"worst"`` (rank those
             candidates last), ``"ignore"`` (no check: the values reach the update as they are).
-        dtype, device: of the search distribution (float64 by default: covariance updates need it).
+        dtype: dtype of the search distribution (default float64: covariance updates need it).
+        device: its device (default: that of ``x0``).
     """
 
     paper: str = ""
@@ -258,6 +261,14 @@ class MirroredSearcher(Searcher):
     Shared by :class:`~gradkit.search.OpenAIES` and :class:`~gradkit.search.PGPE`: rows ``2i`` and ``2i+1`` of a
     generation are ``m + σ·ε_i`` and ``m − σ·ε_i``; the population is even. The mean's update rule is the
     :class:`~gradkit.search.mean_optim.MeanOptimizer` in ``self.mean_optimizer`` (``m ← m − step(g)``).
+
+    Args:
+        x0: initial mean m₀.
+        sigma0: the noise scale σ (scalar or one per coordinate).
+        optimizer: the mean's update rule, a :class:`~gradkit.search.mean_optim.MeanOptimizer` or ``"adam"`` /
+            ``"sgd"`` (default ``"adam"``).
+        default_lr: the learning rate given to an optimizer whose ``lr`` is None (default 1).
+        kwargs: the :class:`~gradkit.search.Searcher` arguments.
     """
 
     _state_objects = ("mean_optimizer",)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .._validate import check_nonneg, check_range
-from .base import Searcher, TensorLike, default_popsize
+from .base import Bounds, Device, Searcher, TensorLike, default_popsize
 
 __all__ = ["CEM"]
 
@@ -24,15 +24,21 @@ class CEM(Searcher):
     """Cross-entropy method (diagonal Gaussian), minimisation.
 
     Args:
-        x0, sigma0: initial mean and standard deviation (scalar or one per coordinate).
-        popsize: samples per generation, default ``10·(4 + floor(3 ln d))``: CEM refits its variance from the
+        x0: initial mean m.
+        sigma0: initial standard deviation σ (scalar or one per coordinate).
+        popsize: λ, samples per generation, default ``10·(4 + floor(3 ln d))``: CEM refits its variance from the
             elites alone and collapses prematurely with small populations (100 at d = 10 converges on the
             sphere; 40 does not).
-        elite_ratio: fraction ρ of the population refitted (at least 2 elites).
-        smoothing: α, the weight of the previous mean/std in the refit (0: plain CEM).
-        sigma_min: floor on every standard deviation (keeps exploring; 0 lets CEM converge).
-        tolx: stop when every standard deviation is below it.
-        other arguments: see :class:`gradkit.search.base.Searcher`.
+        elite_ratio: ρ, the fraction of the population refitted (default 0.2; at least 2 elites).
+        smoothing: α, the weight of the previous mean/std in the refit (default 0: plain CEM).
+        sigma_min: floor on every standard deviation (default 0, which lets CEM converge; > 0 keeps exploring).
+        tolx: stop when every standard deviation is below it (default 1e-12).
+        bounds: optional box ``(lower, upper)`` (default None); see :class:`gradkit.search.Searcher`.
+        seed: seed of the searcher's generator (default None: drawn from torch's global RNG).
+        on_nonfinite: ``"raise"`` (default), ``"skip"``, ``"worst"`` or ``"ignore"``; see
+            :class:`gradkit.search.Searcher`.
+        dtype: dtype of the search distribution (default float64).
+        device: its device (default: that of ``x0``).
     """
 
     paper = "Safe Learning-based Gradient-free Model Predictive Control Based on Cross-entropy Method"
@@ -41,8 +47,8 @@ class CEM(Searcher):
 
     def __init__(self, x0: TensorLike, sigma0: TensorLike, *, popsize: int | None = None,
                  elite_ratio: float = 0.2, smoothing: float = 0.0, sigma_min: float = 0.0, tolx: float = 1e-12,
-                 bounds=None, seed: int | None = None, on_nonfinite: str = "raise",
-                 dtype: torch.dtype = torch.float64, device=None):
+                 bounds: Bounds = None, seed: int | None = None, on_nonfinite: str = "raise",
+                 dtype: torch.dtype = torch.float64, device: Device = None):
         super().__init__(x0, sigma0, popsize=popsize, bounds=bounds, seed=seed, on_nonfinite=on_nonfinite,
                          dtype=dtype, device=device)
         self.elite_ratio = check_range("elite_ratio", elite_ratio, 0.0, 1.0, low_open=True)

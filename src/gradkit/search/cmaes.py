@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .._validate import check_int, check_positive, check_range
-from .base import Searcher, TensorLike, check_sigma_scalar
+from .base import Bounds, Device, Searcher, TensorLike, check_sigma_scalar
 
 __all__ = ["CMAES", "CMAConstants", "cma_constants", "cma_weights"]
 
@@ -47,8 +47,16 @@ def cma_weights(popsize: int, d: int, c1: float, cmu: float, active: bool) -> tu
 class CMAConstants:
     """The strategy parameters of CMA-ES (tutorial, Table 1), computed once by :func:`cma_constants`.
 
-    ``weights`` w_i and ``mu`` μ, ``mueff`` μ_eff, learning rates ``c1`` c₁ and ``cmu`` c_μ of the covariance,
-    ``cc`` c_c of its path, ``cs`` c_σ and ``ds`` d_σ of the step-size path, ``chi_n`` E‖N(0, I)‖.
+    Args:
+        weights: w_i, the recombination weights (negative for the worst λ − μ with active CMA).
+        mu: μ, the number of parents.
+        mueff: μ_eff, the variance-effective selection mass.
+        c1: c₁, the rank-one learning rate of the covariance.
+        cmu: c_μ, its rank-μ learning rate.
+        cc: c_c, the cumulation constant of the covariance path.
+        cs: c_σ, the cumulation constant of the step-size path.
+        ds: d_σ, the step-size damping.
+        chi_n: E‖N(0, I)‖.
     """
 
     weights: tuple[float, ...]
@@ -151,15 +159,24 @@ class CMAES(_CMA):
     """Covariance Matrix Adaptation Evolution Strategy (full covariance), minimisation.
 
     Args:
-        x0, sigma0: initial mean and (scalar) step size; the optimum should lie within ``x0 ± 3·sigma0``.
+        x0: initial mean m₀; the optimum should lie within ``x0 ± 3·sigma0``.
+        sigma0: initial (scalar) step size σ₀.
         popsize: λ, default ``4 + floor(3 ln d)``; μ = λ // 2 parents.
-        active: negative weights for the worst λ − μ candidates (the tutorial's default; pycma's ``CMA_active``).
+        active: negative weights for the worst λ − μ candidates (default True, the tutorial's; pycma's
+            ``CMA_active``).
         restarts: IPOP: when a termination criterion holds, restart with the population multiplied by
-            ``incpopsize``, up to ``restarts`` times; ``stop()`` is True only after the last run stops.
-        restart_from: ``"x0"`` (restart at ``x0``) or ``"uniform"`` (a uniform point in ``bounds``).
-        tolfun, tolx: termination tolerances on the recent fitness range and on the step length.
+            ``incpopsize``, up to ``restarts`` times (default 0); ``stop()`` is True only after the last run stops.
+        incpopsize: the factor of λ at each restart (default 2).
+        restart_from: ``"x0"`` (default: restart at ``x0``) or ``"uniform"`` (a uniform point in ``bounds``).
+        tolfun: stop when the recent fitness range is below it (default 1e-11).
+        tolx: stop when every step length is below it (default 1e-11).
         max_iter: generations per run before stopping (default as pycma: 100 + 150 (d+3)² / √λ).
-        other arguments: see :class:`gradkit.search.base.Searcher`.
+        bounds: optional box ``(lower, upper)`` (default None); see :class:`gradkit.search.Searcher`.
+        seed: seed of the searcher's generator (default None: drawn from torch's global RNG).
+        on_nonfinite: ``"raise"`` (default), ``"skip"``, ``"worst"`` or ``"ignore"``; see
+            :class:`gradkit.search.Searcher`.
+        dtype: dtype of the search distribution (default float64).
+        device: its device (default: that of ``x0``).
     """
 
     paper = "The CMA Evolution Strategy: A Tutorial"
@@ -167,10 +184,10 @@ class CMAES(_CMA):
                     "run_generation", "fhist", "fbest_run", "sigma_run0", "last_frange")
 
     def __init__(self, x0: TensorLike, sigma0: float, *, popsize: int | None = None,
-                 bounds=None, seed: int | None = None, on_nonfinite: str = "raise", active: bool = True,
+                 bounds: Bounds = None, seed: int | None = None, on_nonfinite: str = "raise", active: bool = True,
                  restarts: int = 0, incpopsize: float = 2.0, restart_from: str = "x0", tolfun: float = 1e-11,
                  tolx: float = 1e-11, max_iter: int | None = None, dtype: torch.dtype = torch.float64,
-                 device=None):
+                 device: Device = None):
         super().__init__(x0, sigma0, popsize=popsize, bounds=bounds, seed=seed, on_nonfinite=on_nonfinite,
                          dtype=dtype, device=device)
         check_sigma_scalar(self.sigma0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._validate import check_betas, check_nonneg
-from .base import MirroredSearcher, TensorLike
+from .base import Bounds, Device, MirroredSearcher, TensorLike
 from .mean_optim import Adam, MeanOptimizer
 from .shaping import FitnessShaping, es_weights, resolve_shaping
 
@@ -32,7 +32,12 @@ class OpenAIES(MirroredSearcher):
         optimizer: the mean's update rule, a :class:`gradkit.search.mean_optim.MeanOptimizer` (its ``lr`` None
             takes ``lr``) or ``"adam"`` / ``"sgd"``; default Adam with ``betas``.
         fitness_shaping: a :class:`gradkit.search.shaping.FitnessShaping` or its name (default centred ranks).
-        bounds, seed, on_nonfinite, dtype, device: see :class:`gradkit.search.Searcher`.
+        bounds: optional box ``(lower, upper)`` (default None); see :class:`gradkit.search.Searcher`.
+        seed: seed of the searcher's generator (default None: drawn from torch's global RNG).
+        on_nonfinite: ``"raise"`` (default), ``"skip"``, ``"worst"`` or ``"ignore"``; see
+            :class:`gradkit.search.Searcher`.
+        dtype: dtype of the search distribution (default float64).
+        device: its device (default: that of ``x0``).
     """
 
     paper = "Evolution Strategies as a Scalable Alternative to Reinforcement Learning"
@@ -40,9 +45,9 @@ class OpenAIES(MirroredSearcher):
 
     def __init__(self, x0: TensorLike, sigma0: TensorLike, *, popsize: int | None = None, lr: float | None = None,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 optimizer: MeanOptimizer | str | None = None,
-                 fitness_shaping: FitnessShaping | str = "centred_ranks", bounds=None, seed: int | None = None,
-                 on_nonfinite: str = "raise", dtype: torch.dtype = torch.float64, device=None):
+                 optimizer: MeanOptimizer | str | None = None, fitness_shaping: FitnessShaping | str = "centred_ranks",
+                 bounds: Bounds = None, seed: int | None = None, on_nonfinite: str = "raise",
+                 dtype: torch.dtype = torch.float64, device: Device = None):
         sigma_mean = float(torch.as_tensor(sigma0, dtype=torch.float64).mean())
         if optimizer is None:
             optimizer = Adam(lr, check_betas("betas", betas, 2))

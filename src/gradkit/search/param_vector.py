@@ -13,7 +13,10 @@ __all__ = ["ParamVector"]
 
 
 class Settable:
-    """A search space read with ``get()`` and written with ``set(x)``; ``at(x)`` sets it for a ``with`` block."""
+    """A search space read with ``get()`` and written with ``set(x)``; ``at(x)`` sets it for a ``with`` block.
+
+    A base class with no arguments: subclasses define ``get`` and ``set``.
+    """
 
     def get(self) -> torch.Tensor:
         raise NotImplementedError

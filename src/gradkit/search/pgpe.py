@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .._validate import check_nonneg, check_positive
-from .base import MirroredSearcher, TensorLike
+from .base import Bounds, Device, MirroredSearcher, TensorLike
 from .mean_optim import SGD, MeanOptimizer
 from .shaping import FitnessShaping, resolve_shaping
 
@@ -36,7 +36,12 @@ class PGPE(MirroredSearcher):
         max_sigma_change: bound on the relative change of σ per generation (default 0.2, as EvoTorch).
         fitness_shaping: a :class:`gradkit.search.shaping.FitnessShaping` or its name (default centred ranks).
         tolx: stop when every σ is below it (default 1e-12).
-        bounds, seed, on_nonfinite, dtype, device: see :class:`gradkit.search.Searcher`.
+        bounds: optional box ``(lower, upper)`` (default None); see :class:`gradkit.search.Searcher`.
+        seed: seed of the searcher's generator (default None: drawn from torch's global RNG).
+        on_nonfinite: ``"raise"`` (default), ``"skip"``, ``"worst"`` or ``"ignore"``; see
+            :class:`gradkit.search.Searcher`.
+        dtype: dtype of the search distribution (default float64).
+        device: its device (default: that of ``x0``).
     """
 
     paper = "Parameter-exploring policy gradients"
@@ -45,8 +50,8 @@ class PGPE(MirroredSearcher):
     def __init__(self, x0: TensorLike, sigma0: TensorLike, *, popsize: int | None = None,
                  lr_mean: float | None = None, lr_sigma: float = 0.1, optimizer: MeanOptimizer | str = "adam",
                  max_sigma_change: float = 0.2, fitness_shaping: FitnessShaping | str = "centred_ranks",
-                 tolx: float = 1e-12, bounds=None, seed: int | None = None, on_nonfinite: str = "raise",
-                 dtype: torch.dtype = torch.float64, device=None):
+                 tolx: float = 1e-12, bounds: Bounds = None, seed: int | None = None, on_nonfinite: str = "raise",
+                 dtype: torch.dtype = torch.float64, device: Device = None):
         sigma_mean = float(torch.as_tensor(sigma0, dtype=torch.float64).mean())
         plain = optimizer == "sgd" or isinstance(optimizer, SGD)
         default_lr = (1.0 if plain else 0.2 * sigma_mean) if lr_mean is None else lr_mean

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .._validate import check_positive
-from .base import TensorLike, check_sigma_scalar
+from .base import Bounds, Device, TensorLike, check_sigma_scalar
 from .cmaes import _CMA
 
 __all__ = ["SepCMAES"]
@@ -25,20 +25,27 @@ class SepCMAES(_CMA):
     """CMA-ES with a diagonal covariance matrix (for large ``d``), minimisation.
 
     Args:
-        x0, sigma0: initial mean and scalar step size.
+        x0: initial mean m₀.
+        sigma0: initial (scalar) step size σ₀.
         popsize: λ, default ``4 + floor(3 ln d)``.
-        active: negative recombination weights for the worst candidates (as in :class:`CMAES`).
-        tolfun, tolx: termination tolerances.
-        other arguments: see :class:`gradkit.search.base.Searcher`.
+        active: negative recombination weights for the worst candidates (default True, as in :class:`CMAES`).
+        tolfun: stop when the recent fitness range is below it (default 1e-11).
+        tolx: stop when every step length is below it (default 1e-11).
+        bounds: optional box ``(lower, upper)`` (default None); see :class:`gradkit.search.Searcher`.
+        seed: seed of the searcher's generator (default None: drawn from torch's global RNG).
+        on_nonfinite: ``"raise"`` (default), ``"skip"``, ``"worst"`` or ``"ignore"``; see
+            :class:`gradkit.search.Searcher`.
+        dtype: dtype of the search distribution (default float64).
+        device: its device (default: that of ``x0``).
     """
 
     paper = "A Simple Modification in CMA-ES Achieving Linear Time and Space Complexity"
     diagonal = True
     _state_attrs = ("m", "sigma", "c_diag", "pc", "ps", "run_generation", "fhist", "last_frange")
 
-    def __init__(self, x0: TensorLike, sigma0: float, *, popsize: int | None = None, bounds=None,
+    def __init__(self, x0: TensorLike, sigma0: float, *, popsize: int | None = None, bounds: Bounds = None,
                  seed: int | None = None, on_nonfinite: str = "raise", active: bool = True, tolfun: float = 1e-11,
-                 tolx: float = 1e-11, dtype: torch.dtype = torch.float64, device=None):
+                 tolx: float = 1e-11, dtype: torch.dtype = torch.float64, device: Device = None):
         super().__init__(x0, sigma0, popsize=popsize, bounds=bounds, seed=seed, on_nonfinite=on_nonfinite,
                          dtype=dtype, device=device)
         check_sigma_scalar(self.sigma0)

@@ -53,7 +53,10 @@ def nes_utilities(n: int, dtype: torch.dtype = torch.float64, device: Any = None
 
 
 class FitnessShaping:
-    """Base of the fitness shapings: ``shaping(f)`` → loss-like values along dim 0 (see the module docstring)."""
+    """Base of the fitness shapings: ``shaping(f)`` → loss-like values along dim 0 (see the module docstring).
+
+    Shapings take no arguments; a subclass defines ``__call__``.
+    """
 
     def __call__(self, f: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -63,21 +66,30 @@ class FitnessShaping:
 
 
 class CentredRanks(FitnessShaping):
-    """Centred ranks in [−0.5, 0.5] (Salimans et al., 2017): invariant to any increasing transform of ``f``."""
+    """Centred ranks in [−0.5, 0.5] (Salimans et al., 2017): invariant to any increasing transform of ``f``.
+
+    No arguments. Ties keep their order of appearance; non-finite values rank last.
+    """
 
     def __call__(self, f: torch.Tensor) -> torch.Tensor:
         return centred_ranks(f)
 
 
 class Raw(FitnessShaping):
-    """The fitness values themselves (the ES estimate is then the unbiased gradient of the smoothed objective)."""
+    """The fitness values themselves (the ES estimate is then the unbiased gradient of the smoothed objective).
+
+    No arguments.
+    """
 
     def __call__(self, f: torch.Tensor) -> torch.Tensor:
         return f if f.is_floating_point() else f.double()
 
 
 class NESUtilities(FitnessShaping):
-    """NES rank utilities (Wierstra et al., 2014), negated to be loss-like: the best sample gets ``−u_1``."""
+    """NES rank utilities u_k (Wierstra et al., 2014), negated to be loss-like: the best sample gets ``−u_1``.
+
+    No arguments; ``u_k = max(0, ln(λ/2 + 1) − ln k) / Σ − 1/λ`` for rank k (best first).
+    """
 
     def __call__(self, f: torch.Tensor) -> torch.Tensor:
         u = nes_utilities(f.shape[0], f.dtype if f.is_floating_point() else torch.float64, f.device)

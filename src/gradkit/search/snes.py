@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .._validate import check_nonneg, check_positive
-from .base import Searcher, TensorLike
+from .base import Bounds, Device, Searcher, TensorLike
 from .shaping import FitnessShaping, resolve_shaping
 
 __all__ = ["SNES"]
@@ -33,7 +33,12 @@ class SNES(Searcher):
         fitness_shaping: the utilities u_k, a :class:`gradkit.search.shaping.FitnessShaping` or its name (default
             ``"nes"``, the paper's rank utilities).
         tolx: stop when every standard deviation is below it (default 1e-12).
-        bounds, seed, on_nonfinite, dtype, device: see :class:`gradkit.search.Searcher`.
+        bounds: optional box ``(lower, upper)`` (default None); see :class:`gradkit.search.Searcher`.
+        seed: seed of the searcher's generator (default None: drawn from torch's global RNG).
+        on_nonfinite: ``"raise"`` (default), ``"skip"``, ``"worst"`` or ``"ignore"``; see
+            :class:`gradkit.search.Searcher`.
+        dtype: dtype of the search distribution (default float64).
+        device: its device (default: that of ``x0``).
     """
 
     paper = "High Dimensions and Heavy Tails for Natural Evolution Strategies"
@@ -41,8 +46,8 @@ class SNES(Searcher):
 
     def __init__(self, x0: TensorLike, sigma0: TensorLike, *, popsize: int | None = None, lr_mean: float = 1.0,
                  lr_sigma: float | None = None, fitness_shaping: FitnessShaping | str = "nes",
-                 tolx: float = 1e-12, bounds=None, seed: int | None = None,
-                 on_nonfinite: str = "raise", dtype: torch.dtype = torch.float64, device=None):
+                 tolx: float = 1e-12, bounds: Bounds = None, seed: int | None = None,
+                 on_nonfinite: str = "raise", dtype: torch.dtype = torch.float64, device: Device = None):
         super().__init__(x0, sigma0, popsize=popsize, bounds=bounds, seed=seed, on_nonfinite=on_nonfinite,
                          dtype=dtype, device=device)
         d = self.dim
