@@ -24,9 +24,11 @@ $(VENV)/.test: $(VENV)/.torch pyproject.toml
 demo: $(VENV)/.demo
 	$(VENV)/bin/gradkit demo
 
+# The docs build is part of the test: a broken reference or a stale argument in a docstring fails CI.
 test: $(VENV)/.test
 	$(PY) -m ruff check src tests
 	$(PY) -m pytest -n 2 --durations=15
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 # The reference site (mkdocs-material + mkdocstrings, from the docstrings) into build/site (git-ignored);
 # --strict turns every warning (a broken link, an argument documented but absent from the signature) into a failure.
@@ -37,4 +39,4 @@ bench: $(VENV)/.test
 	$(VENV)/bin/gradkit bench optimizers --out bench-out
 
 clean:
-	rm -rf $(VENV) bench-out gradkit-demo .pytest_cache
+	rm -rf $(VENV) bench-out gradkit-demo .pytest_cache build/site

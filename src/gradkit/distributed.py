@@ -40,6 +40,7 @@ class DistributedError(RuntimeError):
 
 
 def is_distributed() -> bool:
+    """True when ``torch.distributed`` is available and its default process group is initialised."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -47,6 +48,14 @@ def resolve_comm(comm: Comm | str | None, seed: int | None = None) -> Comm | Non
     """A source's ``comm=`` argument: ``"auto"`` means a :class:`Comm` when torch.distributed is initialised.
 
     With a seed, checks that every rank holds the same one (shared perturbations need a shared seed).
+
+    Args:
+        comm: ``"auto"`` (a :class:`Comm` when ``torch.distributed`` is initialised, else None), None (every rank
+            independent), or a :class:`Comm`.
+        seed: the source's seed, checked equal on every rank; None skips the check.
+
+    Returns:
+        The :class:`Comm` to use, or None outside ``torch.distributed`` (or for a single-rank group).
     """
     if comm == "auto":
         comm = Comm() if is_distributed() else None

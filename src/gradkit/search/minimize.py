@@ -85,11 +85,16 @@ def minimize(f: Callable[[torch.Tensor], Any], x0: TensorLike, sigma0: TensorLik
     Args:
         f: with ``batched=True`` maps ``[pop, d] -> [pop]``; with ``batched=False`` one candidate ``[d]`` to a
             scalar.
+        x0: the initial mean (``[d]``).
+        sigma0: the initial step size (a scalar, or one per coordinate).
         method: ``"cmaes"``, ``"sep_cmaes"``, ``"cem"``, ``"snes"``, ``"pgpe"``, ``"openai_es"`` or a
             :class:`Searcher` subclass.
         budget: maximum number of evaluations (default ``1e4 · d``); a generation that would exceed it is
             not started.
+        seed: the searcher's seed (None: nondeterministic; required with ``distributed``).
+        batched: whether ``f`` evaluates a whole population at once (default True).
         ftarget: stop as soon as a value ``<= ftarget`` is found.
+        bounds: box constraints passed to the searcher (see :class:`Searcher`); default None.
         callback: called with the searcher after every generation; returning True stops the run.
         distributed: ``True`` (or a :class:`gradkit.distributed.Comm`) when ``torch.distributed`` is
             initialised: every rank runs the same searcher (same ``seed``, required), evaluates its share of

@@ -44,6 +44,7 @@ class LoRASingularValues(Settable):
         adapters: ``{layer name: (A [r, in], B [out, r])}`` trained LoRA factors (ESSA: after a short
             supervised fine-tune); each ``B·A`` is SVD-factored, U/V frozen, and ``x0`` holds its singular
             values, so searching starts exactly at the fine-tuned adapters.
+        seed: seed of the random orthonormal columns of ``basis="random"`` (default 0).
 
     ``dim``: length of the searched vector; ``x0``: its starting value; ``set(s)`` / ``get()``; ``vector``
     is the live tensor the hooks read (``requires_grad_()`` it to fine-tune the same space by backprop);
