@@ -32,7 +32,7 @@ def test_every_stage_has_a_unique_name_in_pipeline_order():
     model = mlp((5, 6, 3), seed=0)
     pipe = _pipe(model, [gk.transforms.ClipNorm(1.0), gk.transforms.ClipNorm(0.1), gk.transforms.GradStats()],
                  [gk.control.EarlyStopping(patience=3)])
-    assert list(pipe.stages) == ["backprop", "clip_norm", "clip_norm_1", "grad_stats", "adam_w", "early_stopping"]
+    assert list(pipe.stages) == ["backprop", "clip_norm", "clip_norm_1", "grad_stats", "adamw", "early_stopping"]
     assert pipe.name_of(pipe.transforms[1]) == "clip_norm_1"
 
 
@@ -55,7 +55,7 @@ def test_two_autoclips_keep_separate_state_and_resume_by_name():
     for _ in range(3):
         pipe.step(lambda: F.cross_entropy(model(x), y))
     sd = pipe.state_dict()
-    assert set(sd["stages"]) == {"backprop", "early", "late", "adam_w"}
+    assert set(sd["stages"]) == {"backprop", "early", "late", "adamw"}
     assert len(sd["stages"]["early"]["norms"]) == 3 and len(sd["stages"]["late"]["norms"]) == 2
     # Loading into a pipeline that lists the same names in the other order puts each state in its own stage.
     twin = mlp((5, 6, 3), seed=0)

@@ -58,10 +58,13 @@ def _check_name(name: Any) -> str:
 
 
 def stage_name(obj: Any) -> str:
-    """The derived name of a stage: its class name in snake case (``ClipNorm`` → ``clip_norm``, ``AGC`` → ``agc``)."""
+    """The derived name of a stage: its class name in snake case (``ClipNorm`` → ``clip_norm``, ``AGC`` → ``agc``).
+
+    A single trailing capital stays with its word (``AdamW`` → ``adamw``, ``LDoG`` → ``l_dog``).
+    """
     name = type(obj).__name__
     name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+    return re.sub(r"([a-z0-9])([A-Z])(?!$)", r"\1_\2", name).lower()
 
 
 def _entries(stages: Sequence[Any] | Mapping[str, Any] | None, role: str) -> list[tuple[str | None, Any]]:

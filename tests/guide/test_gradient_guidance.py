@@ -188,7 +188,7 @@ def _per_sample_supported(source_cls, **kw) -> bool:
 
 needs_batched = pytest.mark.skipif(
     not _per_sample_supported(gk.sources.SPSA, eps=1e-3, n_directions=2),
-    reason="gk.sources without per-sample (batched) closures (COORD decision 3 not on this branch yet)")
+    reason="gk.sources without per-sample (batched) closures (not available in this checkout)")
 
 
 def _reward(z):

@@ -131,7 +131,7 @@ def test_checkpoint_holds_named_stage_states_and_refuses_a_mismatch(tmp_path):
     ckpt = torch.load(tmp_path / "x.ckpt", weights_only=False)
     assert set(ckpt["gradkit"]) == {"pipe"}
     stages = ckpt["gradkit"]["pipe"]["stages"]
-    assert stages["adam_w"] is None  # Lightning's optimizer_states holds it, once
+    assert stages["adamw"] is None  # Lightning's optimizer_states holds it, once
     assert stages["spsa"]["step"] == 4
 
     class Renamed(Net):

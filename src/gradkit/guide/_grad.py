@@ -5,8 +5,13 @@ Guidance that needs ``∇_x f(x)`` (a classifier's log-probability, a reward) ge
 point into the buffer, asks the source for the gradient of the per-sample losses ``−f(x)[b]`` and passes the
 result through the given ``gk.transforms``. ``Backprop`` (default) is exact; ``SPSA`` / ``ES`` /
 ``ForwardGradient`` need only evaluations of f, so f may be a black box. With per-sample (batched) closures
-(COORD decision 3) row b's estimate uses only loss[b] and row b of each direction; a source without them gets the
-sum of the losses, and every row's estimate then carries the other rows' noise (a warning says so, once).
+row b's estimate uses only loss[b] and row b of each direction; a source without them gets the sum of the losses,
+and every row's estimate then carries the other rows' noise (a warning says so, once).
+
+Scale: a guidance scale is tuned for a gradient's length. SPSA, ForwardGradient and ES with raw fitness
+(``rank_shaping=False``, unbiased for the smoothed objective) estimate that length; ES with rank shaping returns a
+direction of a different, data-independent size, so a scale tuned with backprop can blow up
+(``gradkit bench guide`` shows the row).
 """
 
 from __future__ import annotations

@@ -46,5 +46,5 @@ def check_threshold(name: str, value: Any) -> float:
 
 
 def nonfinite_policy(value: Any, allowed: tuple[str, ...] = ("raise", "skip", "ignore"), where: str = "") -> str:
-    """Validate ``on_nonfinite`` for a guidance stage (COORD decision 1; ``"worst"`` only for populations)."""
+    """Validate ``on_nonfinite`` for a guidance stage (gradkit's one vocabulary; ``"worst"`` only for populations)."""
     return check_nonfinite(value, allowed, where=where)

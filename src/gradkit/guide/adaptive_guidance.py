@@ -33,7 +33,9 @@ class AdaptiveGuidance(Guidance):
         scale: CFG scale w (required).
         threshold: γ̄, the cosine similarity above which CFG is switched off (default 0.99).
         space: where the cosine is measured: ``"velocity"`` (default), ``"x0"`` (noise predictions, the
-            ε-analogue of the paper) or ``"x1"`` (data predictions).
+            ε-analogue of the paper) or ``"x1"`` (data predictions). On the linear path the noise prediction
+            ``x − t·v`` equals ``x`` at t = 0 whatever the velocity, so with ``"x0"`` the cosine starts at 1 and CFG
+            switches off at the first step; use ``"velocity"`` or ``"x1"`` for flow models.
         uncond: the unconditional condition (default ``None``).
         formulation: CFG formulation, ``"diffusers"`` (default) or ``"original"``.
 
