@@ -294,3 +294,54 @@ def test_the_record_is_small_and_its_ring_never_loses_a_record():
     assert torch.equal(p.detach(), orig) and ring.overflow == 0
     # Positions (≤ 1 bit per element) + an int8 code per lossy element: far below 8 bytes per lossy element.
     assert 0 < pert.record_bytes <= 0.06 * p.numel() * p.element_size()
+
+
+# ---- a new zeroth-order source is only its estimator formula ------------------------------------------------
+class OneSided(gk.sources.ZerothOrder):
+    """Forward differences [f(θ + ε z_k) − f(θ)] / ε · z_k / K: three methods, nothing else."""
+
+    per_item = 2
+
+    def __init__(self, model, eps=1e-3, n_directions=2, **kw):
+        self.eps, self.n_directions = eps, n_directions
+        super().__init__(model, **kw)
+
+    @property
+    def n_items(self):
+        return self.n_directions
+
+    def shifts(self, item):
+        return [(item, self.eps), (item, 0.0)]
+
+    def weights(self, losses):
+        return range(self.n_directions), (losses[:, 0] - losses[:, 1]) / (self.eps * self.n_directions)
+
+
+def test_a_new_source_written_as_its_formula_gets_the_whole_machinery():
+    model, closure = _problem(dtype=torch.float64)
+    before = _params(model)
+    src = OneSided(model, seed=3)
+    src.estimate(closure)
+    assert _same(before, _params(model))  # shifted and restored bit-exactly
+    pert = src.perturbation
+    f0 = float(closure())
+    want = []
+    for i, p in enumerate(model.parameters()):
+        g = torch.zeros_like(p)
+        for k in range(2):
+            z = pert.direction(i, 0, k)
+            with pert.shifted(0, k, 1e-3):
+                fk = float(closure())
+            g += (fk - f0) / (1e-3 * 2) * z
+        want.append(g)
+    for p, g in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
+    # ... and the policies, forward-only evaluation and per-sample closures come with it.
+    skipping = OneSided(model, seed=3, on_nonfinite="skip")
+    skipping.estimate(_nan_at(closure, 1))
+    assert skipping.nonfinite_skips == 1 and _same(before, _params(model))
+    with pytest.raises(RuntimeError, match="backward"):
+        OneSided(model, seed=3).estimate(_lightning_like(model, closure, [0]))
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    losses = OneSided([x], seed=0).estimate(lambda: (x ** 2).sum(1))
+    assert losses.shape == (4,) and x.grad.shape == (4, 3)

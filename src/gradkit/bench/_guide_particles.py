@@ -182,17 +182,13 @@ def methods(kind: str, s: Setup, budgets: dict[str, tuple]) -> list[tuple[str, s
             out.append(("FlowOpt-style", f"FlowOpt-style {it} iterations (η=0.5, last 4 steps)", flowopt))
     for it in budgets["spsa"]:
         def spsa(r, it=it):
-            xs, evals = [], 0
-            x0 = s.noise()
-            for b in range(n):
-                def loss(x, b=b):
-                    return -_row_reward(r, x, b, n)
-                o = G.NoiseSearch(loss, steps=S).optimize(
-                    flow, x0[b:b + 1], iters=it, optimizer=lambda p: torch.optim.Adam(p, lr=0.1),
-                    source=functools.partial(gk.sources.SPSA, eps=0.05, n_directions=4, seed=b, comm=None))
-                xs.append(o.x1)
-                evals += o.evaluations
-            return torch.cat(xs), evals * S / n
+            # One batched run: the closure returns every sample's loss and SPSA gives each row its own
+            # directions, so no sample's estimate carries another's reward noise.
+            o = G.NoiseSearch(lambda x: -r(x), steps=S).optimize(
+                flow, s.noise(), iters=it, optimizer=lambda p: torch.optim.Adam(p, lr=0.1),
+                source=functools.partial(gk.sources.SPSA, eps=0.05, n_directions=4, seed=s.seed, comm=None),
+                per_sample_closure=True)
+            return o.x1, o.evaluations * S
         out.append(("noise search SPSA", f"noise search SPSA K=4, {it} Adam steps", spsa))
     for ev in budgets["cmaes"]:
         def cmaes(r, ev=ev):

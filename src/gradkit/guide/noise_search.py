@@ -104,7 +104,7 @@ class NoiseSearch:
     # ------------------------------------------------------------------ gradient route: a gk.Pipeline
     def optimize(self, model: Any, x0: Tensor, cond: Any = None, *, source: Callable | None = None,
                  optimizer: Callable | None = None, transforms: Sequence[Any] = (), iters: int = 100,
-                 per_sample_closure: bool = False) -> InputOptResult:
+                 per_sample_closure: bool | None = None) -> InputOptResult:
         """Run ``iters`` steps of a ``gk.Pipeline`` whose parameters are the search variables.
 
         Args:
@@ -118,8 +118,11 @@ class NoiseSearch:
                 ``torch.optim.Adam(lr=0.05)``; any ``gk.optim`` optimizer).
             transforms: ``gk.transforms`` between source and optimizer (default none).
             iters: pipeline steps (default 100).
-            per_sample_closure: the closure returns the ``[B]`` per-sample losses (for sources that take batched
-                closures: each row's estimate then uses its own loss only); default False: their sum.
+            per_sample_closure: the closure returns the ``[B]`` per-sample losses, so a perturbation source gives
+                each row its own directions and its estimate uses that row's loss only; False hands
+                the source their sum (one direction over the whole batch: every row's estimate then carries the
+                other rows' noise). Default None: per-sample unless the source splits its directions across
+                ranks (per-sample losses are not split across ranks).
         """
         from .. import sources as S
         from ..pipeline import Pipeline
@@ -133,6 +136,8 @@ class NoiseSearch:
         src = (source or S.Backprop)(holder)
         opt = optimizer([holder.z]) if optimizer is not None else torch.optim.Adam([holder.z], lr=0.05)
         pipe = Pipeline(source=src, transforms=list(transforms), optimizer=opt)
+        if per_sample_closure is None:
+            per_sample_closure = getattr(src, "comm", None) is None
         # perturbation sources (SPSA, ES, ...) only evaluate: no graph; Backprop / ForwardGradient need one
         exact = not hasattr(src, "perturbation")
 

@@ -33,12 +33,8 @@ class CEM(Searcher):
         smoothing: α, the weight of the previous mean/std in the refit (default 0: plain CEM).
         sigma_min: floor on every standard deviation (default 0, which lets CEM converge; > 0 keeps exploring).
         tolx: stop when every standard deviation is below it (default 1e-12).
-        bounds: optional box ``(lower, upper)`` (default None); see :class:`gradkit.search.Searcher`.
-        seed: seed of the searcher's generator (default None: drawn from torch's global RNG).
-        on_nonfinite: ``"raise"`` (default), ``"skip"``, ``"worst"`` or ``"ignore"``; see
-            :class:`gradkit.search.Searcher`.
-        dtype: dtype of the search distribution (default float64).
-        device: its device (default: that of ``x0``).
+        bounds, seed, on_nonfinite, dtype, device: as for :class:`gradkit.search.Searcher` (defaults: no bounds,
+            a random seed, ``"raise"``, float64, the device of ``x0``).
     """
 
     paper = "Safe Learning-based Gradient-free Model Predictive Control Based on Cross-entropy Method"

@@ -171,12 +171,8 @@ class CMAES(_CMA):
         tolfun: stop when the recent fitness range is below it (default 1e-11).
         tolx: stop when every step length is below it (default 1e-11).
         max_iter: generations per run before stopping (default as pycma: 100 + 150 (d+3)² / √λ).
-        bounds: optional box ``(lower, upper)`` (default None); see :class:`gradkit.search.Searcher`.
-        seed: seed of the searcher's generator (default None: drawn from torch's global RNG).
-        on_nonfinite: ``"raise"`` (default), ``"skip"``, ``"worst"`` or ``"ignore"``; see
-            :class:`gradkit.search.Searcher`.
-        dtype: dtype of the search distribution (default float64).
-        device: its device (default: that of ``x0``).
+        bounds, seed, on_nonfinite, dtype, device: as for :class:`gradkit.search.Searcher` (defaults: no bounds,
+            a random seed, ``"raise"``, float64, the device of ``x0``).
     """
 
     paper = "The CMA Evolution Strategy: A Tutorial"

@@ -32,12 +32,8 @@ class OpenAIES(MirroredSearcher):
         optimizer: the mean's update rule, a :class:`gradkit.search.mean_optim.MeanOptimizer` (its ``lr`` None
             takes ``lr``) or ``"adam"`` / ``"sgd"``; default Adam with ``betas``.
         fitness_shaping: a :class:`gradkit.search.shaping.FitnessShaping` or its name (default centred ranks).
-        bounds: optional box ``(lower, upper)`` (default None); see :class:`gradkit.search.Searcher`.
-        seed: seed of the searcher's generator (default None: drawn from torch's global RNG).
-        on_nonfinite: ``"raise"`` (default), ``"skip"``, ``"worst"`` or ``"ignore"``; see
-            :class:`gradkit.search.Searcher`.
-        dtype: dtype of the search distribution (default float64).
-        device: its device (default: that of ``x0``).
+        bounds, seed, on_nonfinite, dtype, device: as for :class:`gradkit.search.Searcher` (defaults: no bounds,
+            a random seed, ``"raise"``, float64, the device of ``x0``).
     """
 
     paper = "Evolution Strategies as a Scalable Alternative to Reinforcement Learning"

@@ -36,12 +36,8 @@ class PGPE(MirroredSearcher):
         max_sigma_change: bound on the relative change of σ per generation (default 0.2, as EvoTorch).
         fitness_shaping: a :class:`gradkit.search.shaping.FitnessShaping` or its name (default centred ranks).
         tolx: stop when every σ is below it (default 1e-12).
-        bounds: optional box ``(lower, upper)`` (default None); see :class:`gradkit.search.Searcher`.
-        seed: seed of the searcher's generator (default None: drawn from torch's global RNG).
-        on_nonfinite: ``"raise"`` (default), ``"skip"``, ``"worst"`` or ``"ignore"``; see
-            :class:`gradkit.search.Searcher`.
-        dtype: dtype of the search distribution (default float64).
-        device: its device (default: that of ``x0``).
+        bounds, seed, on_nonfinite, dtype, device: as for :class:`gradkit.search.Searcher` (defaults: no bounds,
+            a random seed, ``"raise"``, float64, the device of ``x0``).
     """
 
     paper = "Parameter-exploring policy gradients"

@@ -33,12 +33,8 @@ class SNES(Searcher):
         fitness_shaping: the utilities u_k, a :class:`gradkit.search.shaping.FitnessShaping` or its name (default
             ``"nes"``, the paper's rank utilities).
         tolx: stop when every standard deviation is below it (default 1e-12).
-        bounds: optional box ``(lower, upper)`` (default None); see :class:`gradkit.search.Searcher`.
-        seed: seed of the searcher's generator (default None: drawn from torch's global RNG).
-        on_nonfinite: ``"raise"`` (default), ``"skip"``, ``"worst"`` or ``"ignore"``; see
-            :class:`gradkit.search.Searcher`.
-        dtype: dtype of the search distribution (default float64).
-        device: its device (default: that of ``x0``).
+        bounds, seed, on_nonfinite, dtype, device: as for :class:`gradkit.search.Searcher` (defaults: no bounds,
+            a random seed, ``"raise"``, float64, the device of ``x0``).
     """
 
     paper = "High Dimensions and Heavy Tails for Natural Evolution Strategies"
