@@ -105,3 +105,13 @@ def test_every_public_module_has_a_reference_page():
         if name != "gradkit" and name not in rendered:
             missing.append(name)
     assert not missing, f"no docs/api/*.md page renders {missing} (add a '::: module' line)"
+
+
+def test_every_readme_section_is_a_page():
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    sections = [m.group(1).strip() for m in re.finditer(r"^## (.+)$", readme, flags=re.M)]
+    included = {m.group(1).strip() for page in (root / "docs").glob("*.md")
+                for m in re.finditer(r"<!--\s*readme(?:\[\d\])?:\s*(.+?)\s*-->", page.read_text(encoding="utf-8"))}
+    missing = [s for s in sections if s not in included and s != "Documentation"]  # that one describes the site
+    assert not missing, f"README sections without a docs page (add '<!-- readme: Title -->' to a docs/*.md): {missing}"
