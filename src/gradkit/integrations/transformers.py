@@ -37,6 +37,10 @@ updates per optimizer step.
 Through accelerate. The Trainer wraps the optimizer in accelerate's ``AcceleratedOptimizer``, whose ``step(closure)``
 returns ``None``; the losses are recorded inside the closure instead, so the reported training loss is the mean of
 the 2·K losses (per window) of each update.
+
+Not covered: DeepSpeed and FSDP (sharded parameters: the perturbation is applied to whole parameter tensors) and
+SageMaker model parallelism; under plain multi-process data parallelism ``ZOSGD`` follows its ``comm="auto"``
+rule (directions split across ranks, see :mod:`gradkit.distributed`), which has not been tested through the Trainer.
 """
 
 from __future__ import annotations
