@@ -310,14 +310,17 @@ class CompiledRule:
 
     @staticmethod
     def _standins(sig: Signature) -> tuple[list[list[torch.Tensor]], dict[str, torch.Tensor]]:
-        """Tensors of the signature's dtypes, row r of length 97 + 2r: no two rows share a length, so the traced
-        graph ties no row's length to another's."""
+        """Tensors of the signature's dtypes, row r of length L + 2r + 1: no two rows share a length, so the traced
+        graph ties no row's length to another's. Inductor decides from these lengths whether a loop is worth
+        splitting across threads (≥ 512 elements per thread): L = 1024 × max(threads, 4) makes every loop of the
+        graph parallel, as the large tensors that make a compile worth it need."""
         device, rows, scalars, _grad = sig
+        base = 1024 * max(torch.get_num_threads(), 4)
         lists = []
         for dtype, requires_grad, zero in rows:
             col = []
             for r in range(ROWS):
-                t = torch.zeros(() if zero else (97 + 2 * r,), dtype=dtype, device=device)
+                t = torch.zeros(() if zero else (base + 2 * r + 1,), dtype=dtype, device=device)
                 if requires_grad:
                     t.requires_grad_(True)
                 if not zero:
