@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,3 +52,23 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}")
+
+
+def in_fresh_process(module: str, func: str, *args: Any, env: dict[str, str] | None = None) -> Any:
+    """``module.func(*args)`` run in a fresh Python process; returns the JSON it printed on its last line.
+
+    A fresh process per measurement keeps one run's allocations (and the allocator's retained heap) out of the next
+    one's peak resident set.
+
+    Args:
+        module: the module to import in the child (e.g. ``"gradkit.bench.sources"``).
+        func: the function of that module to call; it returns something JSON-serialisable.
+        *args: its arguments (Python literals: they are written into the child's code with ``repr``).
+        env: the child's environment (default: this process's).
+    """
+    call = ", ".join(repr(a) for a in args)
+    code = f"import json; from {module} import {func}; print(json.dumps({func}({call})))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{module}.{func}{args} failed in its subprocess:\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])

@@ -22,8 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -33,7 +31,7 @@ from torch import nn
 
 import gradkit as gk
 
-from ._common import machine, markdown_table, median_time, out_dir, progress, write
+from ._common import in_fresh_process, machine, markdown_table, median_time, out_dir, progress, write
 
 HELP = "local learning rules vs backprop (digits, memory, step time), M-FAC / Optimistic AMSGrad, BBT prompt search"
 
@@ -222,15 +220,7 @@ def memory_child(name: str, quick: bool) -> dict:
 
 def _memory(quick: bool) -> dict[str, dict]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
-    out = {}
-    for name in RULES:
-        code = ("import json; from gradkit.bench.local import memory_child; "
-                f"print(json.dumps(memory_child({name!r}, {quick!r})))")
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
-        if res.returncode != 0:
-            raise RuntimeError(f"memory subprocess for {name} failed:\n{res.stderr}")
-        out[name] = json.loads(res.stdout.strip().splitlines()[-1])
-    return out
+    return {name: in_fresh_process("gradkit.bench.local", "memory_child", name, quick, env=env) for name in RULES}
 
 
 def _step_times(quick: bool, repeats: int) -> dict[str, tuple[float, float]]:

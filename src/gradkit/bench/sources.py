@@ -26,8 +26,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +35,7 @@ import torch.nn.functional as F
 import gradkit as gk
 
 from ..models import train_digits
-from ._common import machine, markdown_table, median_time, out_dir, progress, pyplot, write
+from ._common import in_fresh_process, machine, markdown_table, median_time, out_dir, progress, pyplot, write
 
 HELP = "gradient sources: accuracy per forward pass and per second (digits), peak memory and step time vs inference"
 
@@ -217,15 +215,7 @@ def _memory(kind: str, pinned: bool = False) -> dict[str, dict]:
         env.pop(var, None)
     if pinned:
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    out = {}
-    for method in MEMORY_METHODS:
-        code = ("import json; from gradkit.bench.sources import memory_child; "
-                f"print(json.dumps(memory_child({method!r}, {kind!r})))")
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
-        if res.returncode != 0:
-            raise RuntimeError(f"memory subprocess for {method} failed:\n{res.stderr}")
-        out[method] = json.loads(res.stdout.strip().splitlines()[-1])
-    return out
+    return {m: in_fresh_process("gradkit.bench.sources", "memory_child", m, kind, env=env) for m in MEMORY_METHODS}
 
 
 def memory_rows(mem: dict[str, dict]) -> list[tuple]:

@@ -18,7 +18,7 @@ from ._population import PopulationOutput, effective_sample_size, resample
 from .adaptive_guidance import AdaptiveGuidance
 from .apg import APG
 from .autoguidance import Autoguidance
-from .base import SAME, Conditional, Guidance, StepContext, Unconditional
+from .base import SAME, Composite, Conditional, Guidance, StepContext, Unconditional
 from .best_of_n import BestOfN
 from .cfg import CFG, cfg
 from .cfg_plus_plus import CFGPlusPlus
@@ -40,7 +40,8 @@ from .tfg import DPS, MPGD, TFG, FreeDoM
 
 __all__ = [
     "APG", "CFG", "DPS", "GFCG", "METHODS", "MPGD", "SAME", "TFG", "AdaptiveGuidance", "Autoguidance", "CFGPlusPlus",
-    "CFGZeroStar", "ClassifierGuidance", "Conditional", "EluCD", "FlowChef", "FlowModel", "FreeDoM", "Guidance",
+    "CFGZeroStar", "ClassifierGuidance", "Composite", "Conditional", "EluCD", "FlowChef", "FlowModel", "FreeDoM",
+    "Guidance",
     "GuidanceInterval", "SampleOutput", "Sampler", "StepContext", "Unconditional", "as_flow_model", "cfg", "context",
     "flow_map", "guided_velocity",
     # part 2: populations and input optimisation

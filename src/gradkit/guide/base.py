@@ -23,7 +23,7 @@ from .model import FlowModel, as_flow_model
 
 Tensor = torch.Tensor
 
-__all__ = ["SAME", "Conditional", "Guidance", "StepContext", "Unconditional", "index_cond"]
+__all__ = ["SAME", "Composite", "Conditional", "Guidance", "StepContext", "Unconditional", "index_cond"]
 
 
 class _Same:
@@ -193,6 +193,40 @@ class Guidance(Stateful):
     def reindex(self, index: Tensor) -> None:
         """Reorder the per-sample state after a population method resampled the batch: row ``i`` of the new batch
         is row ``index[i]`` of the old one (default: no per-sample state)."""
+
+
+class Composite(Guidance):
+    """A guidance built on other parts (base rules, gradient estimators): ``reset`` and ``reindex`` reach every part
+    that is a :class:`Guidance`, ``state_dict`` holds every part's state under its key, ``skipped`` adds up the
+    parts' skip counts. Subclasses name their parts in ``parts = {state key: attribute}``.
+    """
+
+    parts: ClassVar[dict[str, str]] = {"base": "base"}
+
+    def _parts(self) -> list[tuple[str, Any]]:
+        return [(key, getattr(self, attr)) for key, attr in self.parts.items()]
+
+    @property
+    def skipped(self) -> int:
+        """Rows or steps skipped by the parts' non-finite policy."""
+        return sum(getattr(part, "skipped", 0) for _, part in self._parts())
+
+    def reset(self, x: Tensor, num_steps: int) -> None:
+        for _, part in self._parts():
+            if isinstance(part, Guidance):
+                part.reset(x, num_steps)
+
+    def reindex(self, index: Tensor) -> None:
+        for _, part in self._parts():
+            if isinstance(part, Guidance):
+                part.reindex(index)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: part.state_dict() for key, part in self._parts()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, part in self._parts():
+            part.load_state_dict(state[key])
 
 
 class Conditional(Guidance):

@@ -23,22 +23,22 @@ import torch
 from .._validate import check_range
 from ._grad import GradientEstimator
 from ._util import check_scale, scale_at
-from .base import Guidance, StepContext, Unconditional, as_rule
+from .base import Composite, Guidance, StepContext, Unconditional, as_rule
 
 Tensor = torch.Tensor
 
 __all__ = ["ClassifierGuidance", "labels_of"]
 
 
-def labels_of(cond: Any, batch: int, device: torch.device) -> Tensor:
+def labels_of(cond: Any, batch: int, device: torch.device, who: str = "classifier guidance") -> Tensor:
     """The sampler's condition as ``[B]`` integer class labels."""
     if cond is None or isinstance(cond, dict):
-        raise ValueError("classifier guidance needs integer class labels as the sampler's condition")
+        raise ValueError(f"{who} needs integer class labels as the sampler's condition")
     lab = torch.as_tensor(cond, device=device).long()
     return lab.expand(batch) if lab.ndim == 0 else lab
 
 
-class ClassifierGuidance(Guidance):
+class ClassifierGuidance(Composite):
     """Noise-aware classifier guidance: add ``w·((1−t)/t)·∇_x log p_t(c|x)`` to a base velocity.
 
     Args:
@@ -56,6 +56,7 @@ class ClassifierGuidance(Guidance):
     """
 
     paper = "Diffusion Models Beat GANs on Image Synthesis"
+    parts = {"base": "base", "grad": "grad"}
 
     def __init__(self, classifier: Callable[[Tensor, Tensor], Tensor], scale: float | Callable = 1.0, *,
                  base: Guidance | None = None, source: Callable | None = None, transforms: Sequence[Any] = (),
@@ -67,13 +68,6 @@ class ClassifierGuidance(Guidance):
         self.base = as_rule(base, Unconditional())
         self.t_floor = check_range("t_floor", t_floor, 0.0, 1.0, low_open=True, high_open=True)
         self.grad = GradientEstimator(source, transforms, on_nonfinite)
-
-    @property
-    def skipped(self) -> int:
-        return self.grad.skipped
-
-    def reset(self, x: Tensor, num_steps: int) -> None:
-        self.base.reset(x, num_steps)
 
     def log_prob_grad(self, x: Tensor, t: float, labels: Tensor) -> Tensor:
         """``∇_x log p_t(c|x)`` per sample, from the source."""
@@ -94,12 +88,3 @@ class ClassifierGuidance(Guidance):
         g = self.log_prob_grad(ctx.x, tg, labels_of(ctx.cond, ctx.x.shape[0], ctx.x.device))
         return v + (w * (1.0 - tg) / tg) * g
 
-    def reindex(self, index: Tensor) -> None:
-        self.base.reindex(index)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"base": self.base.state_dict(), "grad": self.grad.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.base.load_state_dict(state["base"])
-        self.grad.load_state_dict(state["grad"])

@@ -30,7 +30,7 @@ import torch
 from .._validate import check_positive, check_range
 from ._grad import GradientEstimator
 from ._util import check_scale, scale_at
-from .base import Guidance, StepContext, Unconditional, as_rule
+from .base import Composite, Guidance, StepContext, Unconditional, as_rule
 from .classifier_guidance import labels_of
 
 Tensor = torch.Tensor
@@ -54,7 +54,7 @@ def relu_to_softplus(module: torch.nn.Module, beta: float = 3.0) -> torch.nn.Mod
     return m
 
 
-class EluCD(Guidance):
+class EluCD(Composite):
     """Classifier guidance with an off-the-shelf (clean-data) classifier on x̂1, calibrated (EluCD).
 
     Args:
@@ -68,6 +68,7 @@ class EluCD(Guidance):
     """
 
     paper = "Elucidating The Design Space of Classifier-Guided Diffusion Generation"
+    parts = {"base": "base", "grad": "grad"}
 
     def __init__(self, classifier: Callable[[Tensor], Tensor], scale: float | Callable = 1.0, *,
                  temperature: float = 1.0, margin_temperature_discount: float = 0.5, base: Guidance | None = None,
@@ -80,13 +81,6 @@ class EluCD(Guidance):
         self.discount = check_range("margin_temperature_discount", margin_temperature_discount, 0.0, low_open=True)
         self.base = as_rule(base, Unconditional())
         self.grad = GradientEstimator(source, transforms, on_nonfinite)
-
-    @property
-    def skipped(self) -> int:
-        return self.grad.skipped
-
-    def reset(self, x: Tensor, num_steps: int) -> None:
-        self.base.reset(x, num_steps)
 
     def calibrated_log_ratio(self, logits: Tensor, labels: Tensor) -> Tensor:
         """``τ₁·logit_c − logsumexp(τ₂·logits)`` per sample."""
@@ -103,12 +97,3 @@ class EluCD(Guidance):
         g, _ = self.grad(ctx.x1(v), lambda xb: self.calibrated_log_ratio(self.classifier(xb), labels))
         return v + (w * (1.0 - ctx.t)) * g
 
-    def reindex(self, index: Tensor) -> None:
-        self.base.reindex(index)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"base": self.base.state_dict(), "grad": self.grad.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.base.load_state_dict(state["base"])
-        self.grad.load_state_dict(state["grad"])

@@ -24,14 +24,14 @@ import torch
 
 from .._validate import check_int, check_range
 from ._grad import GradientEstimator
-from .base import Conditional, Guidance, StepContext, as_rule
+from .base import Composite, Conditional, Guidance, StepContext, as_rule
 
 Tensor = torch.Tensor
 
 __all__ = ["FlowChef"]
 
 
-class FlowChef(Guidance):
+class FlowChef(Composite):
     """Gradient-skipping ascent on a reward of x̂1 inside each Euler step (step level).
 
     Args:
@@ -47,6 +47,7 @@ class FlowChef(Guidance):
     """
 
     paper = "Steering Rectified Flow Models in the Vector Field for Controlled Image Generation"
+    parts = {"base": "base", "grad": "grad"}
     methods = ("euler",)
 
     def __init__(self, reward: Callable[[Tensor], Tensor], *, step_size: float = 1.0, n_inner: int = 1,
@@ -61,13 +62,6 @@ class FlowChef(Guidance):
         self.refresh = bool(refresh)
         self.base = as_rule(base, Conditional())
         self.grad = GradientEstimator(source, transforms, on_nonfinite)
-
-    @property
-    def skipped(self) -> int:
-        return self.grad.skipped
-
-    def reset(self, x: Tensor, num_steps: int) -> None:
-        self.base.reset(x, num_steps)
 
     def inner(self, ctx: StepContext, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """The K ascent steps from ``x`` with velocity ``v``; returns the new ``(x, v)``."""
@@ -87,12 +81,3 @@ class FlowChef(Guidance):
             x, v = self.inner(ctx, x, v)
         return x + ctx.h * v
 
-    def reindex(self, index: Tensor) -> None:
-        self.base.reindex(index)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"base": self.base.state_dict(), "grad": self.grad.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.base.load_state_dict(state["base"])
-        self.grad.load_state_dict(state["grad"])

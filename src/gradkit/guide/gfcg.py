@@ -18,19 +18,19 @@ exactly ``N(m_c + s(m_c − m_ĉ), Σ)``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from .._validate import check_range
-from .base import Conditional, Guidance, StepContext, as_rule
+from .base import Composite, Conditional, Guidance, StepContext, as_rule
+from .classifier_guidance import labels_of
 
 Tensor = torch.Tensor
 
 __all__ = ["GFCG"]
 
 
-class GFCG(Guidance):
+class GFCG(Composite):
     """Guidance away from the classifier's most confusable class, with no classifier gradient.
 
     Args:
@@ -57,9 +57,6 @@ class GFCG(Guidance):
         self.base = as_rule(base, Conditional())
         self.last_reference: Tensor | None = None
 
-    def reset(self, x: Tensor, num_steps: int) -> None:
-        self.base.reset(x, num_steps)
-
     def reference(self, probs: Tensor, labels: Tensor) -> Tensor:
         """The most probable class other than each row's label."""
         masked = probs.clone()
@@ -67,11 +64,7 @@ class GFCG(Guidance):
         return masked.argmax(1)
 
     def velocity(self, ctx: StepContext) -> Tensor:
-        if ctx.cond is None or isinstance(ctx.cond, dict):
-            raise ValueError("GFCG needs integer class labels as the sampler's condition")
-        labels = torch.as_tensor(ctx.cond, device=ctx.x.device).long()
-        if labels.ndim == 0:
-            labels = labels.expand(ctx.x.shape[0])
+        labels = labels_of(ctx.cond, ctx.x.shape[0], ctx.x.device, "GFCG")
         v = self.base.velocity(ctx)
         v_c = ctx.velocity()
         with torch.no_grad():
@@ -87,11 +80,3 @@ class GFCG(Guidance):
         v_ref = ctx.velocity(ref)
         return v + s.reshape(-1, *([1] * (ctx.x.ndim - 1))) * (v_c - v_ref)
 
-    def reindex(self, index: Tensor) -> None:
-        self.base.reindex(index)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"base": self.base.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.base.load_state_dict(state["base"])

@@ -13,19 +13,17 @@ unguided step costs only the conditional NFE.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from .._validate import check_choice, check_range
-from .base import Conditional, Guidance, StepContext
+from .base import Composite, Conditional, Guidance, StepContext
 
 Tensor = torch.Tensor
 
 __all__ = ["GuidanceInterval"]
 
 
-class GuidanceInterval(Guidance):
+class GuidanceInterval(Composite):
     """Apply ``rule`` only inside an interval; ``outside`` (default: the conditional velocity) elsewhere.
 
     Args:
@@ -40,6 +38,7 @@ class GuidanceInterval(Guidance):
     """
 
     paper = "Applying Guidance in a Limited Interval Improves Sample and Distribution Quality in Diffusion Models"
+    parts = {"rule": "rule", "outside": "outside"}
 
     def __init__(self, rule: Guidance, *, start: float = 0.0, stop: float = 1.0, unit: str = "t",
                  outside: Guidance | None = None):
@@ -65,10 +64,6 @@ class GuidanceInterval(Guidance):
         sigma = float("inf") if t_step <= 0 else (1.0 - t_step) / t_step
         return self.start < sigma <= self.stop
 
-    def reset(self, x: Tensor, num_steps: int) -> None:
-        self.rule.reset(x, num_steps)
-        self.outside.reset(x, num_steps)
-
     def velocity(self, ctx: StepContext) -> Tensor:
         on = self.active(ctx.step, ctx.num_steps, ctx.t_step)
         return (self.rule if on else self.outside).velocity(ctx)
@@ -77,13 +72,3 @@ class GuidanceInterval(Guidance):
         on = self.active(ctx.step, ctx.num_steps, ctx.t_step)
         return (self.rule if on else self.outside).step(ctx)
 
-    def reindex(self, index: Tensor) -> None:
-        self.rule.reindex(index)
-        self.outside.reindex(index)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule.state_dict(), "outside": self.outside.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rule.load_state_dict(state["rule"])
-        self.outside.load_state_dict(state["outside"])

@@ -211,10 +211,24 @@ def _halves(n: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
     return perm[: n // 2], perm[n // 2:]
 
 
-def _cosine_adamw(model: nn.Module, lr: float, weight_decay: float, steps: int):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+def _fit(model: nn.Module, cfg: Any, n: int, batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+         callback: Callable[[int], None] | None) -> nn.Module:
+    """AdamW with a cosine schedule for ``cfg.steps`` steps on batches of ``cfg.batch`` random rows of ``n``;
+    ``batch_loss(rows, generator)`` draws the batch's noise from ``generator`` (seeded ``cfg.seed + 1``)."""
+    steps = cfg.steps
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, steps) / steps)))
-    return opt, sched
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    for step in range(steps):
+        idx = torch.randint(0, n, (cfg.batch,), generator=gen)
+        loss = batch_loss(idx, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if callback is not None:
+            callback(step)
+    return model.eval().requires_grad_(False)
 
 
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
@@ -240,23 +254,16 @@ def train_flow(cfg: FlowConfig, x: torch.Tensor, y: torch.Tensor, callback: Call
         The trained model in eval mode with ``requires_grad`` off.
     """
     model = _seeded(cfg.seed, lambda: DigitsFlow(cfg.width, cfg.depth, cfg.emb_dim, cfg.time_dim))
-    opt, sched = _cosine_adamw(model, cfg.lr, cfg.weight_decay, cfg.steps)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    for step in range(cfg.steps):
-        idx = torch.randint(0, len(x), (cfg.batch,), generator=gen)
+
+    def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x1, yb = x[idx], y[idx].clone()
         yb[torch.rand(cfg.batch, generator=gen) < cfg.p_uncond] = NULL_CLASS
         x0 = torch.randn(x1.shape, generator=gen, dtype=x1.dtype)
         t = torch.rand(cfg.batch, generator=gen, dtype=x1.dtype)
         xt = (1 - t[:, None]) * x0 + t[:, None] * x1
-        loss = (model(xt, t, yb) - (x1 - x0)).square().sum(1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if callback is not None:
-            callback(step)
-    return model.eval().requires_grad_(False)
+        return (model(xt, t, yb) - (x1 - x0)).square().sum(1).mean()
+
+    return _fit(model, cfg, len(x), batch_loss, callback)
 
 
 def train_classifier(cfg: ClassifierConfig, x: torch.Tensor, y: torch.Tensor,
@@ -270,21 +277,14 @@ def train_classifier(cfg: ClassifierConfig, x: torch.Tensor, y: torch.Tensor,
         callback: called with the step index after every step, default none.
     """
     model = _seeded(cfg.seed, lambda: _classifier(cfg.sizes))
-    opt, sched = _cosine_adamw(model, cfg.lr, cfg.weight_decay, cfg.steps)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    for step in range(cfg.steps):
-        idx = torch.randint(0, len(x), (cfg.batch,), generator=gen)
+
+    def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         xb = x[idx]
         if cfg.input_noise > 0:
             xb = xb + cfg.input_noise * torch.randn(xb.shape, generator=gen, dtype=xb.dtype)
-        loss = F.cross_entropy(model(xb), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if callback is not None:
-            callback(step)
-    return model.eval().requires_grad_(False)
+        return F.cross_entropy(model(xb), y[idx])
+
+    return _fit(model, cfg, len(x), batch_loss, callback)
 
 
 def train_noisy_classifier(cfg: ClassifierConfig, x: torch.Tensor, y: torch.Tensor,
@@ -298,22 +298,15 @@ def train_noisy_classifier(cfg: ClassifierConfig, x: torch.Tensor, y: torch.Tens
         callback: called with the step index after every step, default none.
     """
     model = _seeded(cfg.seed, lambda: NoisyClassifier(cfg.width, cfg.depth))
-    opt, sched = _cosine_adamw(model, cfg.lr, cfg.weight_decay, cfg.steps)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    for step in range(cfg.steps):
-        idx = torch.randint(0, len(x), (cfg.batch,), generator=gen)
+
+    def batch_loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x1 = x[idx]
         x0 = torch.randn(x1.shape, generator=gen, dtype=x1.dtype)
         t = torch.rand(cfg.batch, generator=gen, dtype=x1.dtype)
         xt = (1 - t[:, None]) * x0 + t[:, None] * x1
-        loss = F.cross_entropy(model(xt, t), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if callback is not None:
-            callback(step)
-    return model.eval().requires_grad_(False)
+        return F.cross_entropy(model(xt, t), y[idx])
+
+    return _fit(model, cfg, len(x), batch_loss, callback)
 
 
 # -- cache -----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 
 from .._validate import check_choice, check_int, check_nonneg, check_range
 from ._grad import GradientEstimator
-from .base import Conditional, Guidance, StepContext, as_rule
+from .base import Composite, Conditional, Guidance, StepContext, as_rule
 
 Tensor = torch.Tensor
 
@@ -51,7 +51,7 @@ def renoise(x: Tensor, t_from: float, t_to: float, generator: torch.Generator | 
     return a * x + math.sqrt(c2) * xi
 
 
-class TFG(Guidance):
+class TFG(Composite):
     """Training-free guidance by a (log-)reward, in TFG's unified form (step level; Euler/DDIM steps).
 
     Args:
@@ -79,6 +79,7 @@ class TFG(Guidance):
     """
 
     paper = "TFG: Unified Training-Free Guidance for Diffusion Models"
+    parts = {"base": "base", "rho": "grad_rho", "mu": "grad_mu"}
     methods = ("euler",)
 
     def __init__(self, reward: Callable[[Tensor], Tensor], *, scale: float = 1.0, rho: float = 1.0, mu: float = 1.0,
@@ -105,13 +106,6 @@ class TFG(Guidance):
         self.t_floor = check_range("t_floor", t_floor, 0.0, 1.0, low_open=True, high_open=True)
         self.grad_rho = GradientEstimator(source, transforms, on_nonfinite)
         self.grad_mu = GradientEstimator(mean_source, transforms, on_nonfinite)
-
-    @property
-    def skipped(self) -> int:
-        return self.grad_rho.skipped + self.grad_mu.skipped
-
-    def reset(self, x: Tensor, num_steps: int) -> None:
-        self.base.reset(x, num_steps)
 
     def smoothed(self, x1: Tensor, sigma: float, noise: Tensor | None) -> Tensor:
         """``f̃(x̂1)``: ``scale·reward``, log-mean-exp over the smoothing draws when σ > 0."""
@@ -163,16 +157,6 @@ class TFG(Guidance):
                 x = renoise(x_next, tn, t, ctx.generator)
         return x_next
 
-    def reindex(self, index: Tensor) -> None:
-        self.base.reindex(index)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"base": self.base.state_dict(), "rho": self.grad_rho.state_dict(), "mu": self.grad_mu.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.base.load_state_dict(state["base"])
-        self.grad_rho.load_state_dict(state["rho"])
-        self.grad_mu.load_state_dict(state["mu"])
 
 
 class DPS(TFG):

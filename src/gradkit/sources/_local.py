@@ -37,7 +37,7 @@ from torch import nn
 from .._validate import check_int
 from .base import Closure, Source
 
-__all__ = ["LocalRule", "as_blocks", "block_width"]
+__all__ = ["LocalRule", "as_blocks", "block_width", "block_widths"]
 
 
 def _has_params(m: nn.Module) -> bool:
@@ -97,6 +97,17 @@ def block_width(block: nn.Module, example: torch.Tensor | None = None) -> int:
         raise ValueError(f"cannot infer the output width of block {type(block).__name__} (no nn.Linear in it): "
                          "pass example_input=")
     return int(last.out_features)
+
+
+def block_widths(blocks: Sequence[nn.Module], example: torch.Tensor | None = None) -> list[int]:
+    """:func:`block_width` of every block, ``example`` carried through the blocks in order."""
+    widths, h = [], example
+    for b in blocks:
+        widths.append(block_width(b, h))
+        if h is not None:
+            with torch.no_grad():
+                h = b(h)
+    return widths
 
 
 def _batch(closure: Closure) -> tuple[torch.Tensor, torch.Tensor]:

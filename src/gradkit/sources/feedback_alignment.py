@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validate import check_choice, check_positive
-from ._local import LocalRule, as_blocks, block_width
+from ._local import LocalRule, as_blocks, block_widths
 
 __all__ = ["FeedbackAlignment"]
 
@@ -66,12 +66,7 @@ class FeedbackAlignment(LocalRule):
         if len(blist) < 2:
             raise ValueError("FeedbackAlignment needs at least two blocks (hidden blocks and an output block)")
         feedback = check_choice("feedback", feedback, ("uniform", "gaussian"))
-        widths, h = [], example_input
-        for b in blist:
-            widths.append(block_width(b, h))
-            if h is not None:
-                with torch.no_grad():
-                    h = b(h)
+        widths = block_widths(blist, example_input)
         c_out = widths[-1]
         s = 1 / math.sqrt(c_out) if scale is None else check_positive("scale", scale)
         first = next(iter(blist.parameters()), None)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validate import check_choice, check_int, check_positive
-from ._local import LocalRule, block_width
+from ._local import LocalRule, block_widths
 
 __all__ = ["ForwardForward"]
 
@@ -84,15 +84,9 @@ class ForwardForward(LocalRule):
         self.negatives = negatives
         self.normalize = bool(normalize)
         self.skip_first = bool(skip_first)
-        widths = []
         h = None if example_input is None else self.embed_labels(example_input, torch.zeros(
             example_input.shape[0], dtype=torch.long))
-        for b in self.blocks:
-            widths.append(block_width(b, h))
-            if h is not None:
-                with torch.no_grad():
-                    h = b(h)
-        self.widths = widths
+        self.widths = widths = block_widths(self.blocks, h)
         if threshold is None:
             self.thresholds = [float(w) if self.goodness == "sum" else 2.0 for w in widths]
         else:

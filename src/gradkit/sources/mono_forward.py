@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validate import check_int
-from ._local import LocalRule, as_blocks, block_width
+from ._local import LocalRule, as_blocks, block_widths
 
 __all__ = ["MonoForward"]
 
@@ -56,12 +56,7 @@ class MonoForward(LocalRule):
                  example_input: torch.Tensor | None = None, seed: int = 0, on_nonfinite: str = "raise"):
         n_classes = check_int("n_classes", n_classes, 2)
         blist = as_blocks(blocks)
-        widths, h = [], example_input
-        for b in blist:
-            widths.append(block_width(b, h))
-            if h is not None:
-                with torch.no_grad():
-                    h = b(h)
+        widths = block_widths(blist, example_input)
         first = next(iter(blist.parameters()), None)
         kw = {} if first is None else {"dtype": first.dtype, "device": first.device}
         with torch.random.fork_rng(devices=[]):
