@@ -7,6 +7,7 @@ import torch
 import gradkit as gk
 from gradkit._kernels import (
     ROWS,
+    WIDE_ROWS,
     Elementwise,
     TensorList,
     add_compile_hook,
@@ -121,6 +122,33 @@ def test_one_compiled_graph_serves_every_layout():
     assert counters["stats"]["unique_graphs"] - graphs_before == 1
     # 3, 11, 16 (+ 4 one-element rows, run eagerly) and 1 rows: 1 + 2 + 2 + 1 calls of ROWS rows
     assert kernel.graphs.graph_calls == 1 + 2 + 2 + 1
+
+
+def test_large_layouts_switch_to_the_wide_graph_without_changing_a_bit():
+    _needs_compile()
+    narrow = Elementwise(_rule, "test_rule_narrow_only")
+    wide = Elementwise(_rule, "test_rule_wide")
+    shapes = [(30, 20)] * (WIDE_ROWS + 5)  # one wide call + one narrow call once the wide graph is ready
+    a, b = _layout(shapes, 5), _layout(shapes, 5)
+    events, hook = _events()
+    try:
+        narrow("compiled", a, {"a": 0.1, "b": 0.5})  # compiles the narrow graph, starts the wide one
+        wide("compiled", b, {"a": 0.1, "b": 0.5})
+        assert wide.graphs.wait(timeout=900) and narrow.graphs.wait(timeout=900)
+        # keep `narrow` on its narrow graph (its wide one stays compiled but unused)
+        narrow.graphs.ready = {k for k in narrow.graphs.ready if k[0] != KC.WIDE}
+        narrow.graphs.failed |= {(KC.WIDE, k) for k in narrow.graphs.ready}
+        calls = wide.graphs.graph_calls
+        for i in range(3):
+            narrow("compiled", a, {"a": 0.2, "b": 0.1 * i})
+            wide("compiled", b, {"a": 0.2, "b": 0.1 * i})
+    finally:
+        hook.remove()
+    assert wide.graphs.graph_calls == calls + 3 * 2  # 37 rows: one call of 32 rows, one of 8 (5 + 3 pads)
+    assert [(e.background, "rows per call" in e.signature) for e in events if e.rule == "test_rule_wide"] == [
+        (False, False), (True, True)]
+    for x, y in zip(a[0] + a[2], b[0] + b[2]):
+        assert torch.equal(x, y)
 
 
 def test_rows_that_cannot_be_flattened_run_eagerly_with_the_same_numbers(kernel):

@@ -25,6 +25,7 @@ from __future__ import annotations
 from .compiling import (
     KERNELS,
     ROWS,
+    WIDE_ROWS,
     CompileEvent,
     add_compile_hook,
     compile_after,
@@ -40,6 +41,7 @@ from .tensorlist import TensorList, group_by_device_dtype
 __all__ = [
     "KERNELS",
     "ROWS",
+    "WIDE_ROWS",
     "CompileEvent",
     "Elementwise",
     "TensorList",

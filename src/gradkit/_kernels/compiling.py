@@ -5,6 +5,10 @@ each list: parameter, gradient, state buffers...), each flattened to 1-D, with t
 (``torch._dynamo.mark_dynamic``). The graph is traced once on small stand-in tensors of distinct lengths, so it
 holds no assumption tying one row's length to another's, and it is then reused for any parameter layout whose rows
 have the same dtypes: a layout of n tensors runs as ⌈n / ROWS⌉ calls, the last padded with tiny scratch rows.
+Layouts of :data:`WIDE_ROWS` rows or more also get a second, wide graph of that many rows, compiled in a
+background thread once the first is ready (under ``kernel="compiled"`` too): each call of a graph costs about
+0.15 ms of dispatch, and a 40-tensor model steps ~10–20 % faster in 2 calls than in 5. Both graphs run the same
+per-row code, so the switch changes no bit of the result.
 A new model, a frozen parameter (GradES) or a new step-count bucket therefore never recompiles. Rows that cannot
 be flattened (non-contiguous, fewer than 2 elements, tensor subclasses, mixed lengths) run on the eager path.
 
@@ -46,13 +50,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["ROWS", "CompileEvent", "add_compile_hook", "compile_after", "compile_available", "resolve_kernel",
-           "wait_for_compiles"]
+__all__ = ["ROWS", "WIDE_ROWS", "CompileEvent", "add_compile_hook", "compile_after", "compile_available",
+           "resolve_kernel", "wait_for_compiles"]
 
 KERNELS = ("auto", "compiled", "foreach", "loop")
 
 #: Rows per compiled call. A graph is specialised to this count; more rows run as several calls.
 ROWS = 8
+#: Rows per call of the wide graph that layouts with at least this many rows also use (never padded).
+WIDE_ROWS = 32
 
 logger = logging.getLogger("gradkit.kernels")
 
@@ -245,6 +251,7 @@ def _describe(sig: Signature) -> str:
 
 
 _rules: weakref.WeakSet[CompiledRule] = weakref.WeakSet()
+WIDE = "wide"  # marks the wide graph's key in CompiledRule.ready / pending / failed
 
 
 def wait_for_compiles(timeout: float | None = None) -> bool:
@@ -309,7 +316,7 @@ class CompiledRule:
             return self._compiled, self._run_only  # type: ignore[return-value]
 
     @staticmethod
-    def _standins(sig: Signature) -> tuple[list[list[torch.Tensor]], dict[str, torch.Tensor]]:
+    def _standins(sig: Signature, width: int = ROWS) -> tuple[list[list[torch.Tensor]], dict[str, torch.Tensor]]:
         """Tensors of the signature's dtypes, row r of length L + 2r + 1: no two rows share a length, so the traced
         graph ties no row's length to another's. Inductor decides from these lengths whether a loop is worth
         splitting across threads (≥ 512 elements per thread): L = 1024 × max(threads, 4) makes every loop of the
@@ -319,7 +326,7 @@ class CompiledRule:
         lists = []
         for dtype, requires_grad, zero in rows:
             col = []
-            for r in range(ROWS):
+            for r in range(width):
                 t = torch.zeros(() if zero else (base + 2 * r + 1,), dtype=dtype, device=device)
                 if requires_grad:
                     t.requires_grad_(True)
@@ -329,11 +336,12 @@ class CompiledRule:
             lists.append(col)
         return lists, {k: torch.zeros((), dtype=d, device=device) for k, d in scalars}
 
-    def compile(self, sig: Signature, background: bool) -> bool:
-        """Compile the graph of ``sig`` on stand-in tensors; True when it is ready."""
+    def compile(self, sig: Signature, background: bool, width: int = ROWS) -> bool:
+        """Compile the graph of ``sig`` over ``width`` rows on stand-in tensors; True when it is ready."""
         global _auto_disabled
         compiled, _ = self._functions()
-        lists, scalars = self._standins(sig)
+        lists, scalars = self._standins(sig, width)
+        key = sig if width == ROWS else (WIDE, sig)
         start = time.perf_counter()
         error = ""
         try:
@@ -348,19 +356,22 @@ class CompiledRule:
         finally:
             seconds = time.perf_counter() - start
             with self._lock:
-                self.pending.discard(sig)
-                (self.ready if ok else self.failed).add(sig)
-            if not ok and background and _auto_disabled is None:
+                self.pending.discard(key)
+                (self.ready if ok else self.failed).add(key)
+            if not ok and background and _auto_disabled is None and width == ROWS:
                 _auto_disabled = f"compiling {self.name!r} failed ({error})"
-        _emit(CompileEvent(self.name, _describe(sig), seconds, background, ok, error))
+        what = _describe(sig) if width == ROWS else f"{_describe(sig)}, {width} rows per call"
+        _emit(CompileEvent(self.name, what, seconds, background, ok, error))
         return ok
 
-    def compile_in_background(self, sig: Signature) -> None:
+    def compile_in_background(self, sig: Signature, width: int = ROWS) -> None:
+        key = sig if width == ROWS else (WIDE, sig)
         with self._lock:
-            if sig in self.pending or sig in self.ready or sig in self.failed:
+            if key in self.pending or key in self.ready or key in self.failed:
                 return
-            self.pending.add(sig)
-        thread = threading.Thread(target=self.compile, args=(sig, True), name=f"gradkit-compile-{self.name}",
+            self.pending.add(key)
+        args = (sig, True) if width == ROWS else (sig, True, width)
+        thread = threading.Thread(target=self.compile, args=args, name=f"gradkit-compile-{self.name}",
                                   daemon=True)
         thread.start()
 
@@ -393,14 +404,27 @@ class CompiledRule:
             may_compile: bool) -> list[int]:
         """Run ``rows`` (flattened) through the graph of ``sig`` in calls of :data:`ROWS` rows.
 
-        Returns the indices (into ``rows``) of the rows no graph ran: the caller runs those eagerly. With
-        ``may_compile`` (``kernel="compiled"``) a guard failure recompiles in this thread, as torch.compile does;
-        otherwise (``auto``) it never compiles here.
+        With :data:`WIDE_ROWS` rows or more, full calls of the wide graph go first once it is ready (its compile
+        is started here, in the background, the first time). Returns the indices (into ``rows``) of the rows no
+        graph ran: the caller runs those eagerly. With ``may_compile`` (``kernel="compiled"``) a guard failure of
+        the narrow graph recompiles in this thread, as torch.compile does; otherwise (``auto``) it never compiles
+        here, and the wide graph never does.
         """
         compiled, run_only = self._functions()
         fn = compiled if may_compile else run_only
         left: list[int] = []
-        for start in range(0, len(rows), ROWS):
+        first = 0
+        if len(rows) >= WIDE_ROWS:
+            if (WIDE, sig) in self.ready:
+                while len(rows) - first >= WIDE_ROWS:
+                    chunk = rows[first:first + WIDE_ROWS]
+                    if run_only([list(col) for col in zip(*chunk)], scalars) is not True:
+                        break  # no wide graph for these rows (a guard failed): the narrow one takes them
+                    self.graph_calls += 1
+                    first += WIDE_ROWS
+            else:
+                self.compile_in_background(sig, WIDE_ROWS)
+        for start in range(first, len(rows), ROWS):
             chunk = rows[start:start + ROWS]
             if len(chunk) < ROWS:
                 chunk = chunk + self.pad_rows(sig)[: ROWS - len(chunk)]
