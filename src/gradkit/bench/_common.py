@@ -54,6 +54,15 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def load_note() -> str:
+    """``", load average 1.2"`` (the 1-minute load when the run ends), so a reader can tell a contended run's
+    times from a quiet one's; empty where the OS does not report it."""
+    try:
+        return f", load average {os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):
+        return ""
+
+
 def in_fresh_process(module: str, func: str, *args: Any, env: dict[str, str] | None = None) -> Any:
     """``module.func(*args)`` run in a fresh Python process; returns the JSON it printed on its last line.
 

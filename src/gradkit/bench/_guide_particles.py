@@ -35,7 +35,7 @@ import gradkit as gk
 from gradkit import guide as G
 from gradkit.guide import testbed as T
 
-from ._common import machine, markdown_table, out_dir, pyplot, write
+from ._common import load_note, machine, markdown_table, out_dir, pyplot, write
 
 Tensor = torch.Tensor
 
@@ -409,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
     out = out_dir(args.out)
     head = (f"gradkit bench guide --part particles — {len(labels)} samples ({per_class} per target class), "
             f"{steps} steps (Euler; SDE for FK steering and look-ahead search); FK steering λ = {args.lam:g}, "
-            f"its output = the best final particle; machine: {machine()} (contended: times are indicative); "
+            f"its output = the best final particle; machine: {machine()}{load_note()}; "
             f"test-bed setup {setup:.1f} s. NFE = flow evaluations per output sample, a backward pass through a "
             f"step counting one more; reward calls = reward / classifier evaluations per output sample.")
     parts = [head]

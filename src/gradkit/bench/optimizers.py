@@ -8,7 +8,8 @@ compare steps taken under the same machine load (they hold on a busy machine whe
 Reported per row:
 
 * ms/step (median), and compile time for ``kernel="compiled"`` (paid once per rule and dtype, whatever the
-  layout; 0 when an earlier row or inductor's disk cache already compiled it);
+  layout, plus the wide graph's background compile for 32+ tensors; 0 when an earlier row or inductor's disk
+  cache already compiled it);
 * bytes moved per step: each step must read the gradient and read+write the parameter and every
   parameter-shaped state buffer, ``(3 + 2·k)·4`` bytes per parameter for ``k`` buffers — the memory-traffic
   floor of the algorithm;
@@ -31,7 +32,7 @@ import torch
 
 import gradkit as gk
 
-from .._kernels import add_compile_hook, compile_available
+from .._kernels import add_compile_hook, compile_available, wait_for_compiles
 from ._common import machine, markdown_table, out_dir, progress, pyplot, write
 
 HELP = "median step time of every optimizer and kernel vs torch fused AdamW and the reference packages"
@@ -160,6 +161,8 @@ def _measure(factory: Factory, n: int, repeats: int, fused_step: Callable[[], No
         t0 = time.perf_counter()
         step()
         first = time.perf_counter() - t0
+        # a layout of 32+ tensors also compiles a wide graph in the background: time the steady state after it
+        wait_for_compiles()
     finally:
         hook.remove()
     k = state_buffers(opt, params)
