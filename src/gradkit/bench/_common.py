@@ -54,6 +54,15 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def proc_status(key: str) -> int:
+    """A size from ``/proc/self/status`` in bytes (``"VmHWM"``: this process's peak resident set; Linux only)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
 def load_note() -> str:
     """``", load average 1.2"`` (the 1-minute load when the run ends), so a reader can tell a contended run's
     times from a quiet one's; empty where the OS does not report it."""

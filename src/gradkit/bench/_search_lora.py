@@ -142,15 +142,8 @@ def essa_demo(pretrained: nn.Module, data, *, shift: str = "flip", rank: int = 4
     steps = budget // 3
     s = space.x0.to(torch.float32).clone().requires_grad_(True)
     space.vector = s
-    opt = torch.optim.Adam([s], lr=1e-2)
-    curve = [(sft_cost, sft_acc)]
-    for t in range(1, steps + 1):
-        loss = F.cross_entropy(model(sxtr), ytr)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if t % 10 == 0 or t == steps:
-            curve.append((sft_cost + 3 * t, _acc(model, sxte, yte)))
+    curve = adam_curve([s], steps, lambda: F.cross_entropy(model(sxtr), ytr), sft_cost, sft_acc,
+                       lambda: _acc(model, sxte, yte))
     curves["backprop (Adam) on singular values"] = curve
     final["backprop (Adam) on singular values"] = (space.dim, sft_cost + 3 * steps, curve[-1][1])
     space.remove()
@@ -160,17 +153,25 @@ def essa_demo(pretrained: nn.Module, data, *, shift: str = "flip", rank: int = 4
         for name in lora.names:
             lora.A[name].copy_(adapters[name][0])
             lora.B[name].copy_(adapters[name][1])
-    opt = torch.optim.Adam(lora.parameters(), lr=1e-2)
-    curve = [(sft_cost, _acc(model, sxte, yte))]
-    for t in range(1, steps + 1):
-        loss = F.cross_entropy(model(sxtr), ytr)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if t % 10 == 0 or t == steps:
-            curve.append((sft_cost + 3 * t, _acc(model, sxte, yte)))
+    curve = adam_curve(list(lora.parameters()), steps, lambda: F.cross_entropy(model(sxtr), ytr), sft_cost,
+                       _acc(model, sxte, yte), lambda: _acc(model, sxte, yte))
     lora.remove()
     curves["backprop (Adam) on the LoRA factors A, B"] = curve
     final["backprop (Adam) on the LoRA factors A, B"] = (n_lora, sft_cost + 3 * steps, curve[-1][1])
     return {"before": before, "sft": sft_acc, "sft_cost": round(sft_cost, 1), "rank": rank, "n_lora": n_lora,
             "space_dim": space.dim, "layers": len(adapters), "curves": curves, "final": final}
+
+
+def adam_curve(params, steps, loss_fn, cost0, acc0, accuracy):
+    """Full-batch Adam (lr 1e-2) for ``steps`` steps; ``[(forward passes, accuracy)]`` every 10 steps, a step
+    counting 3 forward passes' worth, starting at ``(cost0, acc0)``."""
+    opt = torch.optim.Adam(params, lr=1e-2)
+    curve = [(cost0, acc0)]
+    for t in range(1, steps + 1):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if t % 10 == 0 or t == steps:
+            curve.append((cost0 + 3 * t, accuracy()))
+    return curve

@@ -31,7 +31,7 @@ from torch import nn
 
 import gradkit as gk
 
-from ._common import in_fresh_process, machine, markdown_table, median_time, out_dir, progress, write
+from ._common import in_fresh_process, machine, markdown_table, median_time, out_dir, proc_status, progress, write
 
 HELP = "local learning rules vs backprop (digits, memory, step time), M-FAC / Optimistic AMSGrad, BBT prompt search"
 
@@ -176,14 +176,6 @@ def train_rule(name: str, epochs: int, lr: float, *, width: int = 256, depth: in
     return {"method": name, "lr": lr, "acc": accs, "seconds": elapsed, "params": n_params}
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def _heavy(quick: bool) -> tuple[int, int, int]:
     """(width, depth, batch) of the activation-heavy network used for memory and step time."""
     return (256, 4, 4096) if quick else (512, 4, 8192)
@@ -202,11 +194,11 @@ def memory_child(name: str, quick: bool) -> dict:
     def measure(fn) -> int:
         fn()
         fn()
-        rest = _status("VmRSS")
+        rest = proc_status("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         fn()
-        return _status("VmHWM") - rest
+        return proc_status("VmHWM") - rest
 
     def infer():
         with torch.no_grad():

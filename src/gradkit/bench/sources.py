@@ -35,7 +35,17 @@ import torch.nn.functional as F
 import gradkit as gk
 
 from ..models import train_digits
-from ._common import in_fresh_process, machine, markdown_table, median_time, out_dir, progress, pyplot, write
+from ._common import (
+    in_fresh_process,
+    machine,
+    markdown_table,
+    median_time,
+    out_dir,
+    proc_status,
+    progress,
+    pyplot,
+    write,
+)
 
 HELP = "gradient sources: accuracy per forward pass and per second (digits), peak memory and step time vs inference"
 
@@ -116,14 +126,6 @@ def _acc_at(res: dict, budget: int) -> float:
 
 
 # -- 2. memory (one subprocess per method) -----------------------------------------------------------
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def _memory_model(kind: str) -> tuple[tuple[int, ...], int]:
     """``(layer sizes, batch)`` of the activation-heavy or the parameter-heavy MLP (``-quick``: smaller)."""
     quick = kind.endswith("-quick")
@@ -183,14 +185,14 @@ def memory_child(method: str, kind: str, steps: int = 3) -> dict:
     x, y = torch.randn(batch, sizes[0], generator=gen), torch.randint(0, sizes[-1], (batch,), generator=gen)
     _warm_up(method, sizes, x[:4].clone(), y[:4].clone())
     gc.collect()
-    runtime = _status("VmRSS")  # interpreter, torch, gradkit, the method's code paths, the batch
+    runtime = proc_status("VmRSS")  # interpreter, torch, gradkit, the method's code paths, the batch
     model = mlp(sizes, seed=0)
     step = _memory_step(method, model, lambda: F.cross_entropy(model(x), y))
     for _ in range(steps):
         step()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"method": method, "kind": kind, "runtime": runtime, "peak": _status("VmHWM"),
-            "rest": _status("VmRSS"), "param_bytes": params}
+    return {"method": method, "kind": kind, "runtime": runtime, "peak": proc_status("VmHWM"),
+            "rest": proc_status("VmRSS"), "param_bytes": params}
 
 
 MEMORY_LABELS = {
