@@ -270,7 +270,7 @@ def run_rules(args, out) -> list[str]:
         rows.append((LABELS[name], r["params"], f"{r['lr']:g}", *[r["acc"][e - 1] for e in marks],
                      round(r["seconds"], 1), t[1], ratio))
     header = ["method", "parameters", "lr (best of 2)"] + [f"test acc @ {e} epochs" for e in marks] + \
-        ["train time (s, contended)", "step time ÷ one forward", "peak memory ÷ inference"]
+        ["train time (s)", "step time ÷ one forward", "peak memory ÷ inference"]
     return [f"Digits, hidden layers 2 × 256 (NoProp: 10 blocks, each 64→256 and 10→256, then 512→256→10), "
             f"batch 64, AdamW (weight decay 0), every method on the same batches. Step time and memory: "
             f"{depth} hidden layers of {width}, batch {batch}, plain SGD, one intra-op thread.", "",
@@ -302,7 +302,7 @@ def run_optim(args, out) -> list[str]:
     for m in ms:
         t = timed(gk.optim.MFAC(model.parameters(), lr=0.0, m=m))
         rows.append((f"MFAC m = {m}", m, t, t / m))
-    lines = [f"MFAC step time vs window size m (d = {d:,} parameters, one thread, contended). Linear in m means "
+    lines = [f"MFAC step time vs window size m (d = {d:,} parameters, one thread). Linear in m means "
              "the last column (time per gradient in the window) stays flat.", "",
              markdown_table(["optimizer", "m", "ms per step", "ms per step ÷ m"], rows), ""]
     steps = 100 if args.quick else 600
@@ -326,7 +326,7 @@ def run_optim(args, out) -> list[str]:
         r = train_digits(make, steps, seed=0, hidden=(256, 256), eval_every=max(1, steps // 6), data=data)
         acc_rows.append((label, *[r.eval.at(s) for s in marks], round(time.perf_counter() - t0, 1)))
     lines += [f"Digits MLP 64-256-256-10, batch 64, {steps} steps, test accuracy:", "",
-              markdown_table(["optimizer", *[f"acc @ {s} steps" for s in marks], "wall s (contended)"], acc_rows)]
+              markdown_table(["optimizer", *[f"acc @ {s} steps" for s in marks], "wall s"], acc_rows)]
     return lines
 
 
