@@ -25,6 +25,11 @@ lr = 1e-3 on GPUs; ours keep λ and lr and use m = 32 (the O(m³) factorisation 
 Everything in all param groups forms ONE flat vector (the Fisher couples all parameters); per-group ``lr`` and
 ``weight_decay`` apply to their slices. A parameter without a gradient in a step contributes a zero slice to
 the window and is not moved.
+
+Why an optimizer and not a ``gk.transforms`` transform: the paper's method is the whole update (window insert,
+preconditioned direction, momentum on that direction, decay inside the window), and its state — m·d values —
+belongs with the parameters it moves, as an optimizer's state does (checkpointed, bucketed, copied with it). To
+precondition some other update with the same product, use :class:`InverseFisherWindow` directly.
 """
 
 from __future__ import annotations
