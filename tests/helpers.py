@@ -93,3 +93,9 @@ def feed_grads(opt_or_cls, params, step: int = 0, seed: int = 0, nan: bool = Fal
         p.grad = grad_for(step, p, i, seed)
     if nan:
         targets[-1].grad.reshape(-1)[0] = float("nan")
+
+
+def table_cells(text: str, label: str) -> list[str]:
+    """The cells of the Markdown table row of ``text`` whose first cell is ``label``."""
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")]

@@ -6,11 +6,7 @@ pytest.importorskip("sklearn")
 
 from gradkit.bench import guide  # noqa: E402
 from gradkit.cli import build_parser  # noqa: E402
-
-
-def _cells(table: str, label: str) -> list[str]:
-    line = next(ln for ln in table.splitlines() if ln.startswith(f"| {label} |"))
-    return [c.strip() for c in line.strip("|").split("|")]
+from tests.helpers import table_cells  # noqa: E402
 
 
 def test_bench_guide_tiny_writes_every_quick_row_with_exact_nfe(tmp_path, monkeypatch):
@@ -22,12 +18,12 @@ def test_bench_guide_tiny_writes_every_quick_row_with_exact_nfe(tmp_path, monkey
     for r in quick:
         assert f"| {r.label} |" in text, r.label
     # NFE per sample is exact bookkeeping: 4 Euler steps, a cond+uncond pair counts 2, CFG-Zero* zeroes step 0
-    nfe = {r.label: float(_cells(text, r.label)[2]) for r in quick}
+    nfe = {r.label: float(table_cells(text, r.label)[2]) for r in quick}
     assert nfe["conditional (w=1)"] == 4 and nfe["CFG w=3"] == 8 and nfe["CFG-Zero* w=3"] == 6
     assert nfe["CFG w=3, 2 steps"] == 4 and nfe["CFG-Zero* w=3, 2 steps"] == 2
     assert nfe["CG noise-aware w=3 (backprop)"] == 4 and nfe["CG noise-aware w=3 (SPSA K=4)"] == 4
-    assert float(_cells(text, "CG noise-aware w=3 (backprop)")[3]) == 4  # one classifier call per step
-    assert float(_cells(text, "CG noise-aware w=3 (SPSA K=4)")[3]) >= 4 * 8  # 2K evaluations per step
+    assert float(table_cells(text, "CG noise-aware w=3 (backprop)")[3]) == 4  # one classifier call per step
+    assert float(table_cells(text, "CG noise-aware w=3 (SPSA K=4)")[3]) >= 4 * 8  # 2K evaluations per step
     assert "## Claims" in text and "APG vs CFG at w=8" in text
 
 

@@ -6,11 +6,7 @@ pytest.importorskip("sklearn")
 
 from gradkit.bench import guide  # noqa: E402
 from gradkit.cli import build_parser  # noqa: E402
-
-
-def _cells(text: str, label: str) -> list[str]:
-    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {label} |"))
-    return [c.strip() for c in line.strip("|").split("|")]
+from tests.helpers import table_cells  # noqa: E402
 
 
 def test_bench_guide_particles_tiny(tmp_path, monkeypatch):
@@ -25,9 +21,9 @@ def test_bench_guide_particles_tiny(tmp_path, monkeypatch):
         assert f"| {label} |" in text, label
     # NFE per output sample is exact bookkeeping (4 steps): N candidates / particles cost N·4; the velocity cache
     # makes FK steering's potentials free; look-ahead: 4 + (R − 1) per guided step but the last
-    assert float(_cells(text, "best-of-N N=2")[1]) == 8
-    assert float(_cells(text, "FK steering diff N=2")[1]) == 8
-    assert float(_cells(text, "look-ahead search R=2")[1]) == 7
+    assert float(table_cells(text, "best-of-N N=2")[1]) == 8
+    assert float(table_cells(text, "FK steering diff N=2")[1]) == 8
+    assert float(table_cells(text, "look-ahead search R=2")[1]) == 7
     assert "FK steering claim" in text and "ink in the top-left quadrant" in text
     assert "D-Flow 1 L-BFGS steps (zero gradient)" in text
 
