@@ -137,7 +137,7 @@ def test_large_layouts_switch_to_the_wide_graph_without_changing_a_bit():
         assert wide.graphs.wait(timeout=900) and narrow.graphs.wait(timeout=900)
         # keep `narrow` on its narrow graph (its wide one stays compiled but unused)
         narrow.graphs.ready = {k for k in narrow.graphs.ready if k[0] != KC.WIDE}
-        narrow.graphs.failed |= {(KC.WIDE, k) for k in narrow.graphs.ready}
+        narrow.graphs.failed |= {KC.graph_key(k, WIDE_ROWS) for k in narrow.graphs.ready}
         calls = wide.graphs.graph_calls
         for i in range(3):
             narrow("compiled", a, {"a": 0.2, "b": 0.1 * i})
@@ -192,11 +192,11 @@ def test_auto_never_waits_for_a_compile(monkeypatch):
     monkeypatch.setattr(KC, "_cheap_unavailable", lambda: None)
     release, started = threading.Event(), threading.Event()
 
-    def slow_compile(self, sig, background):
+    def slow_compile(self, sig, background, width=KC.ROWS):
         started.set()
         release.wait(60)
         with self._lock:
-            self.pending.discard(sig)
+            self.pending.discard(KC.graph_key(sig, width))
         return False
 
     monkeypatch.setattr(KC.CompiledRule, "compile", slow_compile)

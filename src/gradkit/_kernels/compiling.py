@@ -254,6 +254,12 @@ _rules: weakref.WeakSet[CompiledRule] = weakref.WeakSet()
 WIDE = "wide"  # marks the wide graph's key in CompiledRule.ready / pending / failed
 
 
+def graph_key(sig: Signature, width: int = ROWS) -> Any:
+    """The key of the graph of ``sig`` over ``width`` rows in ``ready`` / ``pending`` / ``failed``: the signature
+    itself for the narrow graph, ``(WIDE, sig)`` for the wide one."""
+    return sig if width == ROWS else (WIDE, sig)
+
+
 def wait_for_compiles(timeout: float | None = None) -> bool:
     """Block until every background compile started so far has finished (benchmarks, tests); True if none is left.
 
@@ -341,7 +347,7 @@ class CompiledRule:
         global _auto_disabled
         compiled, _ = self._functions()
         lists, scalars = self._standins(sig, width)
-        key = sig if width == ROWS else (WIDE, sig)
+        key = graph_key(sig, width)
         start = time.perf_counter()
         error = ""
         try:
@@ -365,13 +371,12 @@ class CompiledRule:
         return ok
 
     def compile_in_background(self, sig: Signature, width: int = ROWS) -> None:
-        key = sig if width == ROWS else (WIDE, sig)
+        key = graph_key(sig, width)
         with self._lock:
             if key in self.pending or key in self.ready or key in self.failed:
                 return
             self.pending.add(key)
-        args = (sig, True) if width == ROWS else (sig, True, width)
-        thread = threading.Thread(target=self.compile, args=args, name=f"gradkit-compile-{self.name}",
+        thread = threading.Thread(target=self.compile, args=(sig, True, width), name=f"gradkit-compile-{self.name}",
                                   daemon=True)
         thread.start()
 
@@ -415,7 +420,7 @@ class CompiledRule:
         left: list[int] = []
         first = 0
         if len(rows) >= WIDE_ROWS:
-            if (WIDE, sig) in self.ready:
+            if graph_key(sig, WIDE_ROWS) in self.ready:
                 while len(rows) - first >= WIDE_ROWS:
                     chunk = rows[first:first + WIDE_ROWS]
                     if run_only([list(col) for col in zip(*chunk)], scalars) is not True:
